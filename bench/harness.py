@@ -1,0 +1,131 @@
+"""Timing and device ceilings shared by every benchmark.
+
+Every kernel time is the median over many runs of a CUDA graph that replays
+the call ``reps`` times back to back (so host dispatch is out of the number),
+with the L2 cache flushed before each replay (so repeated runs do not measure
+the cache). Ceilings are measured in the same process, never taken from a
+datasheet.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+_L2_FLUSH_BYTES = 256 * 1024 * 1024
+
+
+@dataclass
+class Timer:
+    device: torch.device
+    iters: int = 30
+    _flush: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._flush = torch.empty(_L2_FLUSH_BYTES // 4, dtype=torch.int32, device=self.device)
+
+    def graph_ms(self, fn: Callable[[], object], reps: int = 20) -> float:
+        """Median GPU time of one call of ``fn``, from graph replays of ``reps`` calls."""
+        stream = torch.cuda.Stream(self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):
+            for _ in range(3):  # warm-up outside the graph: lazy init, autotuning
+                fn()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            for _ in range(reps):
+                fn()
+        return self._median(graph.replay) / reps
+
+    def eager_ms(self, fn: Callable[[], object], reps: int = 20) -> float:
+        """Median time per call of ``fn`` issued from Python, host dispatch included."""
+        for _ in range(3):
+            fn()
+
+        def run() -> None:
+            for _ in range(reps):
+                fn()
+
+        return self._median(run) / reps
+
+    def _median(self, run: Callable[[], object]) -> float:
+        run()
+        times = []
+        for _ in range(self.iters):
+            self._flush.zero_()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            run()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end))
+        return statistics.median(times)
+
+
+@dataclass
+class Ceilings:
+    """What this device was measured to do, in this run."""
+
+    copy_gbps: float  # device-to-device copy, bytes read + bytes written
+    empty_kernel_ms: float  # one empty kernel, replayed from a graph
+
+    @staticmethod
+    def measure(timer: Timer) -> "Ceilings":
+        n = 1 << 30
+        src = torch.empty(n, dtype=torch.uint8, device=timer.device).random_()
+        dst = torch.empty_like(src)
+        copy_ms = timer.graph_ms(lambda: dst.copy_(src), reps=5)
+        return Ceilings(copy_gbps=2 * n / copy_ms / 1e6, empty_kernel_ms=timer.graph_ms(_empty_kernel(), reps=100))
+
+    def as_dict(self) -> dict:
+        return {"copy_gbps": self.copy_gbps, "empty_kernel_ms": self.empty_kernel_ms}
+
+
+def _empty_kernel() -> Callable[[], object]:
+    """A kernel that does nothing (Triton), or the smallest torch kernel where Triton is missing."""
+    try:
+        import triton
+
+        @triton.jit
+        def empty():
+            pass
+
+        return lambda: empty[(1,)]()
+    except ImportError:  # pragma: no cover
+        one = torch.empty(1, device="cuda")
+        return lambda: one.fill_(0)
+
+
+def device_info(device: torch.device) -> dict:
+    p = torch.cuda.get_device_properties(device)
+    return {
+        "name": p.name,
+        "sms": p.multi_processor_count,
+        "memory_gib": round(p.total_memory / 2**30, 1),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+    }
+
+
+def write_results(out_dir: Path, name: str, payload: dict) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{name}.json"
+    path.write_text(json.dumps(payload, indent=2) + "\n")
+    return path
+
+
+def print_table(title: str, rows: list[dict], columns: list[tuple[str, str, str]]) -> None:
+    """columns: (key, header, format spec)."""
+    print(f"\n{title}")
+    headers = [h for _, h, _ in columns]
+    cells = [[format(r[k], f) if r.get(k) is not None else "-" for k, _, f in columns] for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
+    print("  ".join(h.rjust(w) for h, w in zip(headers, widths)))
+    for c in cells:
+        print("  ".join(v.rjust(w) for v, w in zip(c, widths)))

@@ -1,0 +1,40 @@
+"""Benchmark entry point: ``python -m bench.run --out bench/results/<name> [--only kv_compact]``.
+
+Measures the device ceilings once, runs each selected benchmark, writes one
+JSON per benchmark under ``--out`` and prints a table of each.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from . import bench_kv_compact
+from .harness import Ceilings, Timer, device_info, print_table, write_results
+
+BENCHMARKS = {"kv_compact": bench_kv_compact}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", type=Path, required=True, help="folder for the JSON results")
+    parser.add_argument("--only", choices=sorted(BENCHMARKS), action="append", help="run only these benchmarks")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench: needs a CUDA device")
+    device = torch.device("cuda")
+    timer = Timer(device)
+    ceil = Ceilings.measure(timer)
+    info = device_info(device)
+    print(f"device: {info}\nceilings: copy {ceil.copy_gbps:.0f} GB/s, empty kernel {ceil.empty_kernel_ms * 1e3:.2f} us")
+    for name in args.only or sorted(BENCHMARKS):
+        module = BENCHMARKS[name]
+        rows = module.run(timer, ceil)
+        path = write_results(args.out, name, {"device": info, "ceilings": ceil.as_dict(), "rows": rows})
+        print_table(f"{name} ({path})", rows, module.COLUMNS)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,40 @@
+"""Plain-PyTorch references of the ops: the tests' ground truth, and the fallback
+the typed wrappers in :mod:`jetspec.ops` use on a device the extension has no
+kernel for. Written for clarity, not speed (they may synchronize with the host)."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def kv_compact(cache: Tensor, accepted: Tensor, accept_len: Tensor, base: Tensor) -> None:
+    """``cache[:, b, base[b] + j] = cache[:, b, base[b] + accepted[b, j]]`` for ``j < accept_len[b]``."""
+    for b, (n, start) in enumerate(zip(accept_len.tolist(), base.tolist())):
+        src = start + accepted[b, :n].to(cache.device)
+        dst = torch.arange(start, start + n, device=cache.device)
+        cache[:, b, dst] = cache[:, b, src].clone()
+
+
+def accept_greedy(
+    tokens: Tensor, parents: Tensor, target_ids: Tensor, num_nodes: Tensor, max_accept: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The sequential walk of greedy tree acceptance, with a token -> child map per node
+    (filled in node order, so a later sibling with the same token wins)."""
+    batch = tokens.shape[0]
+    accepted = torch.full((batch, max_accept), -1, dtype=torch.long)
+    accept_len = torch.zeros(batch, dtype=torch.long)
+    bonus = torch.zeros(batch, dtype=torch.long)
+    for b in range(batch):
+        tok, par, tgt = tokens[b].tolist(), parents[b].tolist(), target_ids[b].tolist()
+        children: list[dict[int, int]] = [{} for _ in range(int(num_nodes[b]))]
+        for i in range(1, len(children)):
+            children[par[i]][tok[i]] = i
+        path = [0]
+        while len(path) < max_accept and tgt[path[-1]] in children[path[-1]]:
+            path.append(children[path[-1]][tgt[path[-1]]])
+        accepted[b, : len(path)] = torch.tensor(path)
+        accept_len[b] = len(path)
+        bonus[b] = tgt[path[-1]]
+    device = tokens.device
+    return accepted.to(device), accept_len.to(device), bonus.to(device)
