@@ -11,10 +11,12 @@ cd "$(dirname "$0")/.."
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm --format=csv > "$out/device.txt" 2>&1
 python3 -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)' >> "$out/device.txt"
-if ! python3 -m pip install --no-build-isolation --no-deps -e . > "$out/build.log" 2>&1; then
+if ! python3 -m pip install -v --no-build-isolation --no-deps -e . > "$out/build.log" 2>&1; then
   tail -50 "$out/build.log"; exit 1
 fi
-grep -iE "spill|warning" build/*/build.log 2>/dev/null | head -20 >> "$out/build.log"
+# The compiler's resource report: registers, shared memory, stack and spills of every kernel.
+cuobjdump --dump-resource-usage build/*/_C.abi3.so >> "$out/build.log" 2>&1
+grep -E "spill|REG:|Function" "$out/build.log" | grep -vE "0 bytes spill" | head -30
 python3 -m pytest -q -rs tests 2>&1 | tee "$out/tests.log" | tail -15
 test_rc=${PIPESTATUS[0]}
 python3 -m bench.run --out "$out" "${@:2}" 2>&1 | tee "$out/bench.log"

@@ -1,66 +1,97 @@
 // kv_compact: move the accepted tree nodes' cache rows to consecutive slots,
 // every plane (layer x {K,V}) of every sequence in one launch.
 //
-// One thread owns one vector-wide column of one (plane, sequence) and walks the
-// accepted rows in order, a chunk of ROWS at a time: it loads the whole chunk,
-// then stores it. Columns never alias each other, so no barrier is needed, and
-// the in-order walk is what makes overlapping source/destination ranges safe:
-// with accepted strictly increasing and accepted[j] >= j, the destination of
-// row j can only coincide with the source of an earlier row i < j, which this
-// thread has already read (same chunk: loaded before any store; earlier chunk:
-// loaded in an earlier iteration). Loads of later rows may be issued early:
-// they never alias an earlier destination.
+// One warp owns a slab of 32 vector-wide columns of one (plane, sequence); each
+// lane walks the accepted rows of its column in path order. Columns never alias
+// each other, so lanes need no synchronisation for the data, and the in-order
+// walk is what makes overlapping source/destination ranges safe: with accepted
+// strictly increasing and accepted[j] >= j, the destination of row j can only
+// coincide with the source of an earlier row i < j, which the lane has already
+// loaded. Loads of later rows never alias an earlier destination, so the next
+// chunk of rows is loaded before the current one is stored (two chunks in
+// flight per lane), and the path offsets are staged in shared memory once per
+// warp instead of being re-read by every lane in the dependent chain.
 #include "kv_compact.cuh"
 
 namespace jetspec::cuda {
 namespace {
 
-constexpr int kRows = 16;     // rows in flight per thread
-constexpr int kThreads = 64;  // small blocks spread short jobs over all SMs
+constexpr int kThreads = 32;     // one warp per block: short jobs spread over all SMs
+constexpr int kRows = 16;        // rows per chunk; two chunks in flight per lane
+constexpr int kOffsets = 1024;   // path offsets staged per pass
 
 template <typename Vec>
-__global__ void __launch_bounds__(kThreads) kv_compact_kernel(KvCompactArgs a, int64_t cols) {
-  const int64_t t = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x;
-  if (t >= a.planes * a.batch * cols) return;
-  const int64_t col = t % cols;
-  const int64_t b = (t / cols) % a.batch;
-  const int64_t p = t / (cols * a.batch);
+struct Chunk {
+  Vec v[kRows];
+  bool move[kRows];
+};
 
-  int64_t len = a.accept_len[b];
-  len = len < 0 ? 0 : (len > a.max_accept ? a.max_accept : len);
-  const int64_t base = a.base[b];
-  const int64_t* acc = a.accepted + b * a.max_accept;
-  char* column = a.cache + p * a.plane_stride + b * a.batch_stride + col * static_cast<int64_t>(sizeof(Vec));
-
-  for (int64_t j0 = 0; j0 < len; j0 += kRows) {
-    int64_t src[kRows];
-    bool move[kRows];
+template <typename Vec>
+__device__ __forceinline__ void load_chunk(Chunk<Vec>& c, const char* column, const int* offsets, int64_t first,
+                                           int64_t end, int64_t base, int64_t slots, int64_t slot_stride) {
 #pragma unroll
-    for (int r = 0; r < kRows; ++r) {
-      const int64_t j = j0 + r;
-      src[r] = j < len ? base + acc[j] : 0;
-      const int64_t dst = base + j;
-      // Out-of-range slots are skipped rather than trusted: a bad index must not fault the device.
-      move[r] = j < len && src[r] != dst && src[r] >= 0 && src[r] < a.slots && dst >= 0 && dst < a.slots;
-    }
-    Vec v[kRows];
-#pragma unroll
-    for (int r = 0; r < kRows; ++r)
-      if (move[r]) v[r] = *reinterpret_cast<const Vec*>(column + src[r] * a.slot_stride);
-#pragma unroll
-    for (int r = 0; r < kRows; ++r)
-      if (move[r]) *reinterpret_cast<Vec*>(column + (base + j0 + r) * a.slot_stride) = v[r];
+  for (int r = 0; r < kRows; ++r) {
+    const int64_t j = first + r;
+    const int64_t src = j < end ? base + offsets[j % kOffsets] : 0;
+    const int64_t dst = base + j;
+    // Out-of-range slots are skipped rather than trusted: a bad index must not fault the device.
+    c.move[r] = j < end && src != dst && src >= 0 && src < slots && dst >= 0 && dst < slots;
+    if (c.move[r]) c.v[r] = *reinterpret_cast<const Vec*>(column + src * slot_stride);
   }
+}
+
+// Stores rows first_dst, first_dst + 1, ... of a loaded chunk.
+template <typename Vec>
+__device__ __forceinline__ void store_chunk(const Chunk<Vec>& c, char* column, int64_t first_dst, int64_t slot_stride) {
+#pragma unroll
+  for (int r = 0; r < kRows; ++r)
+    if (c.move[r]) *reinterpret_cast<Vec*>(column + (first_dst + r) * slot_stride) = c.v[r];
+}
+
+template <typename Vec>
+__global__ void __launch_bounds__(kThreads) kv_compact_kernel(KvCompactArgs a, int64_t cols, int64_t col_blocks) {
+  __shared__ int offsets[kOffsets];
+  const int64_t cb = blockIdx.x % col_blocks;
+  const int64_t b = (blockIdx.x / col_blocks) % a.batch;
+  const int64_t p = blockIdx.x / (col_blocks * a.batch);
+  const int64_t col = cb * kThreads + threadIdx.x;
+  const int64_t* acc = a.accepted + b * a.max_accept;
+  int64_t len = a.accept_len[b];
+  const int64_t base = a.base[b];
+  len = len < 0 ? 0 : (len > a.max_accept ? a.max_accept : len);
+  char* column = a.cache + p * a.plane_stride + b * a.batch_stride + col * static_cast<int64_t>(sizeof(Vec));
+  const bool active = col < cols;
+
+  // The first pass runs unconditionally and stages offsets up to the buffer's capacity, not up to len,
+  // so their loads are issued together with len's instead of after it.
+  int64_t first = 0;
+  do {
+    const int64_t staged = first + kOffsets < a.max_accept ? first + kOffsets : a.max_accept;
+    for (int64_t i = first + threadIdx.x; i < staged; i += kThreads) offsets[i - first] = static_cast<int>(acc[i]);
+    __syncwarp();
+    const int64_t end = staged < len ? staged : len;
+    if (active) {
+      Chunk<Vec> cur, next;
+      load_chunk(cur, column, offsets, first, end, base, a.slots, a.slot_stride);
+      for (int64_t j = first; j < end; j += kRows) {
+        if (j + kRows < end) load_chunk(next, column, offsets, j + kRows, end, base, a.slots, a.slot_stride);
+        store_chunk(cur, column, base + j, a.slot_stride);
+        cur = next;
+      }
+    }
+    __syncwarp();
+    first += kOffsets;
+  } while (first < len);
 }
 
 template <typename Vec>
 cudaError_t launch(const KvCompactArgs& a, cudaStream_t stream) {
   const int64_t cols = a.row_bytes / static_cast<int64_t>(sizeof(Vec));
-  const int64_t threads = a.planes * a.batch * cols;
-  if (threads == 0 || a.max_accept == 0) return cudaSuccess;
-  const int64_t blocks = (threads + kThreads - 1) / kThreads;
+  const int64_t col_blocks = (cols + kThreads - 1) / kThreads;
+  const int64_t blocks = a.planes * a.batch * col_blocks;
+  if (blocks == 0 || a.max_accept == 0) return cudaSuccess;
   if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
-  kv_compact_kernel<Vec><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(a, cols);
+  kv_compact_kernel<Vec><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(a, cols, col_blocks);
   return cudaGetLastError();
 }
 
