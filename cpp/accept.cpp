@@ -47,8 +47,7 @@ void check_args(const at::Tensor& tokens, const at::Tensor& parents, const at::T
   }
   check_dim(kOp, tokens, "tokens", 2);
   const int64_t batch = tokens.size(0), nodes = tokens.size(1);
-  TORCH_CHECK_VALUE(nodes >= 1, "jetspec.accept_greedy: a tree has at least its root node; 'tokens' has shape ",
-                    tokens.sizes());
+  TORCH_CHECK_VALUE(nodes >= 1, message(kOp, "a tree has at least its root node; 'tokens' has shape ", tokens.sizes()));
   for (const auto& [t, name] : {all[1], all[2]}) {
     check_dim(kOp, *t, name, 2);
     check_size(kOp, *t, name, 0, batch);
@@ -60,10 +59,9 @@ void check_args(const at::Tensor& tokens, const at::Tensor& parents, const at::T
   }
   check_dim(kOp, accepted, "accepted", 2);
   check_size(kOp, accepted, "accepted", 0, batch);
-  TORCH_CHECK_VALUE(accepted.size(1) >= 1, "jetspec.accept_greedy: 'accepted' needs room for the root, got shape ",
-                    accepted.sizes());
+  TORCH_CHECK_VALUE(accepted.size(1) >= 1, message(kOp, "'accepted' needs room for the root, got shape ", accepted.sizes()));
   for (const auto& [t, name] : {all[4], all[5], all[6]})
-    TORCH_CHECK_VALUE(t->is_contiguous(), "jetspec.accept_greedy: output '", name, "' must be contiguous");
+    TORCH_CHECK_VALUE(t->is_contiguous(), message(kOp, "output '", name, "' must be contiguous"));
 }
 
 void accept_greedy_cpu(const at::Tensor& tokens, const at::Tensor& parents, const at::Tensor& target_ids,
@@ -79,13 +77,11 @@ void accept_greedy_cpu(const at::Tensor& tokens, const at::Tensor& parents, cons
     const int64_t* p = par.data_ptr<int64_t>() + b * nodes;
     const int64_t* y = tgt.data_ptr<int64_t>() + b * nodes;
     const int64_t n = cnt.data_ptr<int64_t>()[b];
-    TORCH_CHECK_VALUE(1 <= n && n <= nodes, "jetspec.accept_greedy: num_nodes[", b, "] = ", n, " is outside [1, ",
-                      nodes, "]");
-    TORCH_CHECK_VALUE(p[0] == -1, "jetspec.accept_greedy: parents[", b, ", 0] must be -1 (the root), got ", p[0]);
+    TORCH_CHECK_VALUE(1 <= n && n <= nodes, message(kOp, "num_nodes[", b, "] = ", n, " is outside [1, ", nodes, "]"));
+    TORCH_CHECK_VALUE(p[0] == -1, message(kOp, "parents[", b, ", 0] must be -1 (the root), got ", p[0]));
     matching_child.assign(n, -1);
     for (int64_t i = 1; i < n; ++i) {
-      TORCH_CHECK_VALUE(0 <= p[i] && p[i] < i, "jetspec.accept_greedy: parents[", b, ", ", i, "] = ", p[i],
-                        " must be in [0, ", i, ")");
+      TORCH_CHECK_VALUE(0 <= p[i] && p[i] < i, message(kOp, "parents[", b, ", ", i, "] = ", p[i], " must be in [0, ", i, ")"));
       if (t[i] == y[p[i]]) matching_child[p[i]] = i;
     }
     int64_t cur = 0, len = 1;
@@ -104,8 +100,8 @@ void accept_greedy_cpu(const at::Tensor& tokens, const at::Tensor& parents, cons
 void accept_greedy_cuda(const at::Tensor& tokens, const at::Tensor& parents, const at::Tensor& target_ids,
                         const at::Tensor& num_nodes, at::Tensor& accepted, at::Tensor& accept_len, at::Tensor& bonus) {
   check_args(tokens, parents, target_ids, num_nodes, accepted, accept_len, bonus);
-  TORCH_CHECK_VALUE(tokens.size(1) <= cuda::kAcceptMaxNodes, "jetspec.accept_greedy: trees of up to ",
-                    cuda::kAcceptMaxNodes, " nodes are supported on CUDA, got ", tokens.size(1));
+  TORCH_CHECK_VALUE(tokens.size(1) <= cuda::kAcceptMaxNodes,
+                    message(kOp, "trees of up to ", cuda::kAcceptMaxNodes, " nodes are supported on CUDA, got ", tokens.size(1)));
   const c10::cuda::CUDAGuard guard(tokens.device());
   const auto tok = tokens.contiguous(), par = parents.contiguous(), tgt = target_ids.contiguous();
   const auto cnt = num_nodes.contiguous();

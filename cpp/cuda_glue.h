@@ -7,6 +7,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime_api.h>
 
+#include "checks.h"
+
 namespace jetspec {
 
 inline cudaStream_t current_stream(const at::Tensor& t) {
@@ -14,7 +16,7 @@ inline cudaStream_t current_stream(const at::Tensor& t) {
 }
 
 inline void check_launch(cudaError_t err, const char* op) {
-  TORCH_CHECK(err == cudaSuccess, "jetspec.", op, ": CUDA launch failed: ", cudaGetErrorString(err));
+  TORCH_CHECK(err == cudaSuccess, message(op, "CUDA launch failed: ", cudaGetErrorString(err)));
 }
 
 }  // namespace jetspec

@@ -41,10 +41,9 @@ int64_t row_numel(const at::Tensor& cache) {
 
 void check_args(const at::Tensor& cache, const at::Tensor& accepted, const at::Tensor& accept_len,
                 const at::Tensor& base) {
-  TORCH_CHECK_VALUE(cache.dim() >= 3, "jetspec.kv_compact: 'cache' must be [planes, batch, slots, *row], got shape ",
-                    cache.sizes());
-  TORCH_CHECK_VALUE(dense_from(cache, 3), "jetspec.kv_compact: the row dims (3..) of 'cache' must be dense, got strides ",
-                    cache.strides());
+  TORCH_CHECK_VALUE(cache.dim() >= 3, message(kOp, "'cache' must be [planes, batch, slots, *row], got shape ", cache.sizes()));
+  TORCH_CHECK_VALUE(dense_from(cache, 3),
+                    message(kOp, "the row dims (3..) of 'cache' must be dense, got strides ", cache.strides()));
   check_dtype(kOp, accepted, "accepted", at::kLong);
   check_dtype(kOp, accept_len, "accept_len", at::kLong);
   check_dtype(kOp, base, "base", at::kLong);
@@ -75,15 +74,16 @@ void kv_compact_cpu(at::Tensor& cache, const at::Tensor& accepted, const at::Ten
 
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t n = len_p[b];
-    TORCH_CHECK_VALUE(0 <= n && n <= max_accept, "jetspec.kv_compact: accept_len[", b, "] = ", n,
-                      " is outside [0, ", max_accept, "]");
+    TORCH_CHECK_VALUE(0 <= n && n <= max_accept,
+                      message(kOp, "accept_len[", b, "] = ", n, " is outside [0, ", max_accept, "]"));
     for (int64_t j = 0; j < n; ++j) {
       const int64_t a = acc_p[b * max_accept + j];
       TORCH_CHECK_VALUE(a >= j && (j == 0 || a > acc_p[b * max_accept + j - 1]),
-                        "jetspec.kv_compact: accepted[", b, "] must be strictly increasing with accepted[j] >= j; "
-                        "entry ", j, " is ", a);
-      TORCH_CHECK_VALUE(base_p[b] >= 0 && base_p[b] + a < slots, "jetspec.kv_compact: slot base[", b,
-                        "] + accepted[", b, ", ", j, "] = ", base_p[b] + a, " is outside the cache's ", slots, " slots");
+                        message(kOp, "accepted[", b, "] must be strictly increasing with accepted[j] >= j; entry ", j,
+                                " is ", a));
+      TORCH_CHECK_VALUE(base_p[b] >= 0 && base_p[b] + a < slots,
+                        message(kOp, "slot base[", b, "] + accepted[", b, ", ", j, "] = ", base_p[b] + a,
+                                " is outside the cache's ", slots, " slots"));
     }
   }
   if (row_bytes == 0) return;
@@ -108,6 +108,9 @@ void kv_compact_cpu(at::Tensor& cache, const at::Tensor& accepted, const at::Ten
 void kv_compact_cuda(at::Tensor& cache, const at::Tensor& accepted, const at::Tensor& accept_len,
                      const at::Tensor& base) {
   check_args(cache, accepted, accept_len, base);
+  TORCH_CHECK_VALUE(cache.size(0) <= 65535 && cache.size(1) <= 65535,
+                    message(kOp, "CUDA supports up to 65535 planes and 65535 sequences, got 'cache' shape ",
+                            cache.sizes()));
   const c10::cuda::CUDAGuard guard(cache.device());
   const auto acc = accepted.contiguous();
   const auto len = accept_len.contiguous();

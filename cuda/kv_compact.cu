@@ -4,15 +4,16 @@
 // Two kernels, picked by the path capacity M (known on the host):
 //
 // Short paths (M <= kShortRows, every decoding round): a block owns 32 vector
-// columns of one (plane, sequence) and all M rows, one row per warp; it loads
-// every row, synchronises, then stores. Reading everything before writing
-// anything makes any overlap safe, and the kernel is a handful of instructions:
-// at this size a round trip to memory and the launch are the whole cost, and
-// unrolled code costs instruction-cache misses that showed up as time (measured:
-// 2.1 us -> 4.1 us for 4 -> 32 unrolled rows with nothing to move).
+// columns of one (plane, sequence) and all M rows, a row per warp (two past 32
+// rows); it loads every row, synchronises, then stores. Reading everything
+// before writing anything makes any overlap safe, and the kernel is a handful
+// of instructions: at this size a round trip to memory and the launch are the
+// whole cost. Unrolled code cost instruction-cache misses that showed up as time
+// (measured on the H100: 2.1 us -> 4.1 us for 4 -> 32 unrolled rows per thread
+// with nothing to move), hence a warp per row rather than a loop per thread.
 //
-// Long paths: one warp owns a slab of 32 vector-wide columns of one (plane, sequence); each
-// lane walks the accepted rows of its column in path order. Columns never alias
+// Long paths: one warp owns a slab of 32 vector-wide columns of one (plane,
+// sequence); each lane walks the accepted rows of its column in path order. Columns never alias
 // each other, so lanes need no synchronisation for the data, and the in-order
 // walk is what makes overlapping source/destination ranges safe: with accepted
 // strictly increasing and accepted[j] >= j, the destination of row j can only
@@ -28,16 +29,14 @@ namespace {
 
 constexpr int kThreads = 32;     // lanes per warp: one vector column each
 constexpr int kShortRows = 64;   // longest path of the short kernel
-constexpr int kShortUnroll = 4;  // rows per thread in the short kernel
+constexpr int kShortUnroll = 2;  // rows per thread in the short kernel, past 32 rows
 constexpr int kRows = 16;        // rows per chunk of the long kernel; two chunks in flight per lane
 constexpr int kOffsets = 1024;   // path offsets staged per pass of the long kernel
 
 template <typename Vec>
-__global__ void __launch_bounds__(kThreads * kShortRows / kShortUnroll)
-    kv_compact_short_kernel(KvCompactArgs a, int64_t cols, int64_t col_blocks) {
-  const int64_t cb = blockIdx.x % col_blocks;
-  const int64_t b = (blockIdx.x / col_blocks) % a.batch;
-  const int64_t p = blockIdx.x / (col_blocks * a.batch);
+__global__ void __launch_bounds__(kThreads * 32) kv_compact_short_kernel(KvCompactArgs a, int64_t cols) {
+  // Grid (column slabs, sequences, planes): no integer division on the latency-critical path.
+  const int64_t cb = blockIdx.x, b = blockIdx.y, p = blockIdx.z;
   const int64_t col = cb * kThreads + threadIdx.x;
   int64_t len = a.accept_len[b];
   len = len < 0 ? 0 : (len > a.max_accept ? a.max_accept : len);
@@ -91,11 +90,10 @@ __device__ __forceinline__ void store_chunk(const Chunk<Vec>& c, char* column, i
 }
 
 template <typename Vec>
-__global__ void __launch_bounds__(kThreads) kv_compact_long_kernel(KvCompactArgs a, int64_t cols, int64_t col_blocks) {
+__global__ void __launch_bounds__(kThreads) kv_compact_long_kernel(KvCompactArgs a, int64_t cols) {
   __shared__ int offsets[kOffsets];
-  const int64_t cb = blockIdx.x % col_blocks;
-  const int64_t b = (blockIdx.x / col_blocks) % a.batch;
-  const int64_t p = blockIdx.x / (col_blocks * a.batch);
+  // Grid (column slabs, sequences, planes): no integer division on the latency-critical path.
+  const int64_t cb = blockIdx.x, b = blockIdx.y, p = blockIdx.z;
   const int64_t col = cb * kThreads + threadIdx.x;
   const int64_t* acc = a.accepted + b * a.max_accept;
   int64_t len = a.accept_len[b];
@@ -130,14 +128,15 @@ template <typename Vec>
 cudaError_t launch(const KvCompactArgs& a, cudaStream_t stream) {
   const int64_t cols = a.row_bytes / static_cast<int64_t>(sizeof(Vec));
   const int64_t col_blocks = (cols + kThreads - 1) / kThreads;
-  const int64_t blocks = a.planes * a.batch * col_blocks;
-  if (blocks == 0 || a.max_accept == 0) return cudaSuccess;
-  if (blocks > 0x7fffffff) return cudaErrorInvalidConfiguration;
+  if (col_blocks == 0 || a.batch == 0 || a.planes == 0 || a.max_accept == 0) return cudaSuccess;
+  if (col_blocks > 0x7fffffff || a.batch > 65535 || a.planes > 65535) return cudaErrorInvalidConfiguration;
+  const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>(a.batch), static_cast<unsigned>(a.planes));
   if (a.max_accept <= kShortRows) {
-    const dim3 threads(kThreads, static_cast<unsigned>((a.max_accept + kShortUnroll - 1) / kShortUnroll));
-    kv_compact_short_kernel<Vec><<<static_cast<unsigned>(blocks), threads, 0, stream>>>(a, cols, col_blocks);
+    const int64_t warps = a.max_accept <= 32 ? a.max_accept : (a.max_accept + kShortUnroll - 1) / kShortUnroll;
+    const dim3 threads(kThreads, static_cast<unsigned>(warps));
+    kv_compact_short_kernel<Vec><<<grid, threads, 0, stream>>>(a, cols);
   } else {
-    kv_compact_long_kernel<Vec><<<static_cast<unsigned>(blocks), kThreads, 0, stream>>>(a, cols, col_blocks);
+    kv_compact_long_kernel<Vec><<<grid, kThreads, 0, stream>>>(a, cols);
   }
   return cudaGetLastError();
 }
