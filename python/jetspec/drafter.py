@@ -1,0 +1,79 @@
+"""Drafters: what proposes the per-depth candidates a round's tree is built from.
+
+The driver needs three things of a drafter: take the target's tapped hidden
+states of committed positions (``start`` for the prompt, ``extend`` after each
+round), and ``propose`` top-K candidates per depth for the next block given the
+anchor. :class:`HeadDrafter` does this with a JetSpec/DFlash draft head; tests
+plug in oracles through the same interface.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor
+
+from .cache import KVCache
+from .heads import DraftHead, check_head_fits_target
+from .target import Target
+
+
+class Drafter(ABC):
+    #: deepest tree depth one proposal covers
+    depth: int
+    #: target layers whose outputs the drafter consumes (concatenated in this order)
+    tap_layers: tuple[int, ...] = ()
+
+    @abstractmethod
+    def start(self, tapped: Tensor | None, capacity: int) -> None:
+        """Begin a sequence whose prompt has these tapped states ``[B, P, taps * H]``."""
+
+    @abstractmethod
+    def extend(self, tapped: Tensor | None) -> None:
+        """Append the tapped states of newly committed positions ``[B, T, taps * H]``."""
+
+    @abstractmethod
+    def propose(self, anchor: Tensor, width: int) -> tuple[Tensor, Tensor]:
+        """Top-``width`` candidates for depths 1..depth after ``anchor`` ``[B]``:
+        full-vocabulary log-probs ``[B, depth, width]`` float32 (descending) and ids int64."""
+
+
+class HeadDrafter(Drafter):
+    """Drafting with a draft head: one head forward per round, its context K/V cached."""
+
+    def __init__(self, head: DraftHead, target: Target) -> None:
+        check_head_fits_target(head, target.config)
+        self.head = head.to(device=target.device, dtype=target.dtype)
+        self.target = target
+        self.depth = head.spec.depth
+        self.tap_layers = head.spec.target_layer_ids
+        self.context: KVCache | None = None
+        self.length = 0
+
+    def start(self, tapped: Tensor | None, capacity: int) -> None:
+        spec = self.head.spec
+        self.context = KVCache(spec.num_layers, tapped.shape[0], capacity, spec.kv_heads, spec.head_dim,
+                               self.target.dtype, self.target.device)
+        self.length = 0
+        self.extend(tapped)
+
+    @torch.no_grad()
+    def extend(self, tapped: Tensor | None) -> None:
+        rows = tapped.shape[1]
+        positions = torch.arange(self.length, self.length + rows, device=tapped.device).expand(tapped.shape[0], -1)
+        for layer, (k, v) in enumerate(self.head.context_key_values(tapped, positions)):
+            self.context.write(layer, self.length, k, v)
+        self.length += rows
+
+    @torch.no_grad()
+    def propose(self, anchor: Tensor, width: int) -> tuple[Tensor, Tensor]:
+        spec = self.head.spec
+        batch = anchor.shape[0]
+        ids = torch.full((batch, spec.block_size), spec.mask_token_id, dtype=torch.long, device=anchor.device)
+        ids[:, 0] = anchor
+        positions = torch.arange(self.length, self.length + spec.block_size, device=anchor.device).expand(batch, -1)
+        context = [self.context.read(layer, self.length) for layer in range(spec.num_layers)]
+        hidden = self.head(self.target.embed_tokens(ids), positions, context)
+        logits = self.target.lm_head(hidden[:, 1:]).float()
+        return torch.log_softmax(logits, dim=-1).topk(min(width, logits.shape[-1]), dim=-1)

@@ -1,0 +1,146 @@
+"""The draft head: a few Qwen3-style decoder layers over the target's fused hidden states.
+
+Module paths equal the published checkpoints' tensor names (``layers.{i}.self_attn.q_proj``,
+``fc``, ``hidden_norm``, ``norm``, ...). The head owns no embedding and no LM head:
+the target's are used at run time.
+
+One forward drafts a whole block: the block ``[anchor, mask, ..., mask]`` (embedded
+with the target's ``embed_tokens``) attends, in every layer, to the context (the
+target's tapped hidden states of all committed positions, projected once by
+``fc`` -> ``hidden_norm`` and turned into each layer's K/V) and to itself, causally
+(JetSpec) or bidirectionally (DFlash). Block slot d (d >= 1) predicts depth d.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import Qwen3Config
+from transformers.models.qwen3.modeling_qwen3 import Qwen3MLP, Qwen3RMSNorm, Qwen3RotaryEmbedding
+
+from .config import HeadSpec
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """RoPE on ``[B, heads, T, D]`` with ``cos``/``sin`` ``[B, T, D]`` (HF's rotate-half convention)."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class HeadAttention(nn.Module):
+    def __init__(self, config: Qwen3Config, spec: HeadSpec) -> None:
+        super().__init__()
+        h, d = spec.hidden_size, spec.head_dim
+        self.num_heads, self.kv_heads, self.head_dim = spec.num_heads, spec.kv_heads, d
+        self.q_proj = nn.Linear(h, spec.num_heads * d, bias=False)
+        self.k_proj = nn.Linear(h, spec.kv_heads * d, bias=False)
+        self.v_proj = nn.Linear(h, spec.kv_heads * d, bias=False)
+        self.o_proj = nn.Linear(spec.num_heads * d, h, bias=False)
+        self.q_norm = Qwen3RMSNorm(d, eps=config.rms_norm_eps)
+        self.k_norm = Qwen3RMSNorm(d, eps=config.rms_norm_eps)
+
+    def key_value(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        """K (normed, rotated) and V of ``x`` ``[B, T, H]``, as ``[B, kv_heads, T, D]``."""
+        b, t, _ = x.shape
+        k = self.k_norm(self.k_proj(x).view(b, t, self.kv_heads, self.head_dim)).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        return _rotate(k, cos, sin), v
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, context_k: Tensor, context_v: Tensor,
+                block_mask: Tensor | None) -> Tensor:
+        """Block ``x`` ``[B, S, H]`` attends ``context_k/v`` ``[B, kv_heads, T, D]`` and itself.
+
+        ``block_mask``: ``[S, S]`` bool among block slots (None: bidirectional)."""
+        b, s, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(b, s, self.num_heads, self.head_dim)).transpose(1, 2)
+        q = _rotate(q, cos, sin)
+        k_blk, v_blk = self.key_value(x, cos, sin)
+        k = torch.cat([context_k, k_blk], dim=2)
+        v = torch.cat([context_v, v_blk], dim=2)
+        groups = self.num_heads // self.kv_heads
+        if groups > 1:
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        mask = None
+        if block_mask is not None:
+            mask = torch.cat([block_mask.new_ones(s, context_k.shape[2]), block_mask], dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.head_dim ** -0.5)
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+
+
+class HeadLayer(nn.Module):
+    def __init__(self, config: Qwen3Config, spec: HeadSpec) -> None:
+        super().__init__()
+        self.input_layernorm = Qwen3RMSNorm(spec.hidden_size, eps=config.rms_norm_eps)
+        self.self_attn = HeadAttention(config, spec)
+        self.post_attention_layernorm = Qwen3RMSNorm(spec.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = Qwen3MLP(config)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, context_k: Tensor, context_v: Tensor,
+                block_mask: Tensor | None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, context_k, context_v, block_mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class HiddenDimAdapter(nn.Module):
+    """Maps each tapped target state from the target's width to the head's (only when they differ)."""
+
+    def __init__(self, target_hidden: int, hidden: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(target_hidden, hidden, bias=False)
+
+    def forward(self, tapped: Tensor, taps: int) -> Tensor:
+        b, t, _ = tapped.shape
+        return self.proj(tapped.view(b, t, taps, -1)).view(b, t, -1)
+
+
+class DraftHead(nn.Module):
+    """A JetSpec (causal) or DFlash (bidirectional) draft head."""
+
+    def __init__(self, config: Qwen3Config) -> None:
+        super().__init__()
+        self.config = config
+        self.spec = spec = HeadSpec.from_config(config)
+        taps = len(spec.target_layer_ids)
+        self.layers = nn.ModuleList(HeadLayer(config, spec) for _ in range(spec.num_layers))
+        self.norm = Qwen3RMSNorm(spec.hidden_size, eps=config.rms_norm_eps)
+        self.fc = nn.Linear(taps * spec.hidden_size, spec.hidden_size, bias=False)
+        self.hidden_norm = Qwen3RMSNorm(spec.hidden_size, eps=config.rms_norm_eps)
+        if spec.target_hidden_size != spec.hidden_size:
+            self.hidden_dim_adapter = HiddenDimAdapter(spec.target_hidden_size, spec.hidden_size)
+        # Outside the module tree, so that casting the head to bf16 leaves RoPE's frequencies in fp32.
+        self.__dict__["_rotary"] = Qwen3RotaryEmbedding(config=config)
+
+    def rope(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """cos, sin ``[B, T, D]`` at ``positions`` ``[B, T]``, in ``x``'s dtype."""
+        if self._rotary.inv_freq.device != x.device:
+            self._rotary.to(x.device)
+        return self._rotary(x, positions)
+
+    def project_context(self, tapped: Tensor) -> Tensor:
+        """Fused hidden states ``[B, T, taps * H_target]`` -> context ``[B, T, H]``."""
+        if hasattr(self, "hidden_dim_adapter"):
+            tapped = self.hidden_dim_adapter(tapped, len(self.spec.target_layer_ids))
+        return self.hidden_norm(self.fc(tapped))
+
+    def context_key_values(self, tapped: Tensor, positions: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Every layer's context K/V ``[B, kv_heads, T, D]`` for new context rows at ``positions``.
+
+        The same projected context feeds every layer's k/v projections; it is never a query and
+        never passes through the layers, so it is computed once per committed position and cached."""
+        context = self.project_context(tapped)
+        cos, sin = self.rope(context, positions)
+        return [layer.self_attn.key_value(context, cos, sin) for layer in self.layers]
+
+    def forward(self, block: Tensor, positions: Tensor, context: list[tuple[Tensor, Tensor]]) -> Tensor:
+        """Run the block ``[B, S, H]`` (embedded ``[anchor, mask, ...]``) at ``positions`` ``[B, S]``
+        over the per-layer context K/V; returns the final hidden states ``[B, S, H]`` (after ``norm``)."""
+        cos, sin = self.rope(block, positions)
+        s = block.shape[1]
+        mask = torch.ones(s, s, dtype=torch.bool, device=block.device).tril() if self.spec.causal else None
+        x = block
+        for layer, (k, v) in zip(self.layers, context):
+            x = layer(x, cos, sin, k, v, mask)
+        return self.norm(x)

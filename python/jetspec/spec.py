@@ -1,0 +1,239 @@
+"""Lossless tree speculative decoding: the round, top to bottom.
+
+Round invariant: the target's cache holds the committed prefix ``x[0:n]``; the last
+committed token (the anchor) is in no cache yet; the drafter has the target's
+tapped hidden states of ``x[0:n]``.
+
+1. draft: the drafter proposes top-K candidates for depths 1..D after the anchor;
+2. build: a best-first tree of ``budget`` nodes rooted at the anchor;
+3. verify: one target forward over all nodes (tree attention, positions n + depth);
+4. accept: the longest root path agreeing with the target's argmax, plus its bonus;
+5. compact: keep the path's K/V at slots n, n+1, ...; feed its hidden states to the
+   drafter; the bonus token is the next anchor.
+
+Budget 1 is plain greedy decoding through the same verify path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from . import ops
+from .drafter import Drafter, HeadDrafter
+from .heads import DraftHead
+from .target import Target
+from .tree import Tree, ancestor_mask, build_tree, words_for
+
+PHASES = ("prefill", "draft", "build", "verify", "accept", "compact")
+
+
+@dataclass
+class GenerationStats:
+    """What one generation did. ``accept_lengths[r]`` is the number of tokens round r committed
+    (accepted draft tokens + the bonus token), the paper's acceptance length tau."""
+
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    rounds: int = 0
+    accept_lengths: list[int] = field(default_factory=list)
+    phase_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+    wall_seconds: float = 0.0
+
+    @property
+    def mean_accept_length(self) -> float:
+        return sum(self.accept_lengths) / max(len(self.accept_lengths), 1)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.wall_seconds if self.wall_seconds > 0 else 0.0
+
+    def summary(self) -> str:
+        phases = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in self.phase_seconds.items() if v > 0)
+        return (f"{self.new_tokens} tokens in {self.rounds} rounds, tau {self.mean_accept_length:.2f}, "
+                f"{self.tokens_per_second:.1f} tok/s ({phases})")
+
+
+@dataclass
+class GenerationOutput:
+    sequences: Tensor  # [1, prompt + new] int64, like model.generate
+    stats: GenerationStats
+
+
+class TokenStream:
+    """Iterates over the tokens each round commits; ``stats`` and ``tokens`` fill in as it runs."""
+
+    def __init__(self, rounds: Iterator[list[int]], stats: GenerationStats) -> None:
+        self._rounds = rounds
+        self.stats = stats
+        self.tokens: list[int] = []
+
+    def __iter__(self) -> "TokenStream":
+        return self
+
+    def __next__(self) -> list[int]:
+        new = next(self._rounds)
+        self.tokens.extend(new)
+        return new
+
+
+class SpeculativeGenerator:
+    """Greedy generation with tree speculative decoding; output identical to greedy decoding.
+
+    Args:
+        model: an HF decoder-only ``*ForCausalLM`` (Qwen3, Qwen2, Llama, ...).
+        drafter: a :class:`~jetspec.heads.DraftHead` (JetSpec or DFlash), any :class:`Drafter`,
+            or None for plain autoregressive decoding (then ``budget`` must be 1).
+        budget: tree nodes per round, root included (1 = autoregressive).
+        width: candidates per depth (1 = chain drafting).
+        depth: deepest tree depth (default: the drafter's, i.e. the head's block size - 1).
+        profile: synchronise the device around phases so ``phase_seconds`` are exact (slower).
+    """
+
+    def __init__(self, model: nn.Module, drafter: DraftHead | Drafter | None = None, *, budget: int = 64,
+                 width: int = 8, depth: int | None = None, profile: bool = False) -> None:
+        self.target = Target(model)
+        if isinstance(drafter, DraftHead):
+            drafter = HeadDrafter(drafter, self.target)
+        if not isinstance(budget, int) or budget < 1:
+            raise ValueError(f"jetspec: budget (tree nodes incl. the root) must be an integer >= 1, got {budget!r}")
+        if not isinstance(width, int) or width < 1:
+            raise ValueError(f"jetspec: width (candidates per depth) must be an integer >= 1, got {width!r}")
+        if budget > 1 and drafter is None:
+            raise ValueError("jetspec: a budget above 1 needs a drafter (a draft head)")
+        max_depth = drafter.depth if drafter is not None else 0
+        if depth is not None and not (isinstance(depth, int) and 1 <= depth <= max_depth):
+            raise ValueError(f"jetspec: depth must be an integer in [1, {max_depth}] for this drafter, got {depth!r}")
+        self.drafter = drafter if budget > 1 else None
+        self.budget = budget
+        self.width = width
+        self.depth = min(depth or max_depth, budget - 1)
+        self.profile = profile
+
+    # -- public API --------------------------------------------------------------------------
+
+    def generate(self, input_ids: Tensor, max_new_tokens: int = 128,
+                 eos_token_id: int | Sequence[int] | None = None) -> GenerationOutput:
+        """Like ``model.generate(input_ids, do_sample=False, max_new_tokens=...)``, token for token."""
+        stream = self.stream(input_ids, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id)
+        for _ in stream:
+            pass
+        prompt = self._prompt(input_ids)
+        new = torch.tensor([stream.tokens], dtype=torch.long, device=prompt.device)
+        return GenerationOutput(sequences=torch.cat([prompt, new], dim=1), stats=stream.stats)
+
+    def stream(self, input_ids: Tensor, max_new_tokens: int = 128,
+               eos_token_id: int | Sequence[int] | None = None) -> TokenStream:
+        """Iterate over the tokens committed by each round (the first item is the prefill's token)."""
+        prompt = self._prompt(input_ids)
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"jetspec: max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
+        limit = self.target.max_positions
+        furthest = prompt.shape[1] + max_new_tokens + self.depth
+        if limit is not None and furthest > limit:
+            raise ValueError(f"jetspec: prompt ({prompt.shape[1]}) + max_new_tokens ({max_new_tokens}) + tree depth "
+                             f"({self.depth}) reaches position {furthest}, past the model's {limit} positions")
+        stats = GenerationStats(prompt_tokens=prompt.shape[1])
+        return TokenStream(self._run(prompt, max_new_tokens, eos, stats), stats)
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def _prompt(self, input_ids: Tensor) -> Tensor:
+        if not isinstance(input_ids, Tensor) or input_ids.dtype != torch.long:
+            raise ValueError("jetspec: input_ids must be an int64 tensor of token ids")
+        prompt = input_ids.unsqueeze(0) if input_ids.dim() == 1 else input_ids
+        if prompt.dim() != 2 or prompt.shape[1] < 1:
+            raise ValueError(f"jetspec: input_ids must be [1, prompt_len] with prompt_len >= 1, got "
+                             f"{tuple(input_ids.shape)}")
+        if prompt.shape[0] != 1:
+            raise NotImplementedError("jetspec: the driver decodes one sequence at a time (batch 1); the ops take "
+                                      "batches already")
+        if int(prompt.min()) < 0 or int(prompt.max()) >= self.target.vocab_size:
+            raise ValueError(f"jetspec: input_ids must lie in [0, {self.target.vocab_size})")
+        return prompt.to(self.target.device)
+
+    def _run(self, prompt: Tensor, max_new_tokens: int, eos: set[int], stats: GenerationStats) -> Iterator[list[int]]:
+        start = time.perf_counter()
+        target, drafter = self.target, self.drafter
+        taps = drafter.tap_layers if drafter is not None else ()
+        length = prompt.shape[1]
+        cache = target.new_cache(1, length + max_new_tokens + self.budget)
+        emitted = 0
+
+        def emit(tokens: list[int]) -> tuple[list[int], bool]:
+            nonlocal emitted
+            out = []
+            for token in tokens:
+                out.append(token)
+                emitted += 1
+                if token in eos or emitted == max_new_tokens:
+                    return out, True
+            return out, False
+
+        with self._phase("prefill", stats):
+            visible = torch.ones(1, length, length, dtype=torch.bool, device=prompt.device).tril()
+            positions = torch.arange(length, device=prompt.device).unsqueeze(0)
+            logits, tapped = target.forward(prompt, positions, cache, 0, visible, taps)
+            anchor = logits[:, -1].argmax(-1)
+            if drafter is not None:
+                drafter.start(tapped, cache.capacity)
+        out, done = emit([int(anchor)])
+        self._account(stats, start, out, committed=None)
+        yield out
+
+        n = length
+        while not done:
+            tree = self._draft_tree(anchor, n, stats)
+            with self._phase("verify", stats):
+                visible = ancestor_mask(tree.ancestors, self.budget)
+                logits, tapped = target.forward(tree.tokens, tree.positions, cache, n, visible, taps)
+                predicted = logits.argmax(-1)
+            with self._phase("accept", stats):
+                accepted, accept_len, bonus = ops.accept_greedy(
+                    tree.tokens, tree.parents, predicted, tree.num_nodes, max_accept=self.depth + 1)
+            with self._phase("compact", stats):
+                ops.kv_compact(cache.planes(), accepted, accept_len, torch.tensor([n], device=prompt.device))
+                path_len = int(accept_len[0])  # the host needs the committed tokens to stream them
+                path = accepted[0, :path_len]
+                if drafter is not None:
+                    drafter.extend(tapped[:, path])
+            out, done = emit(tree.tokens[0, path[1:]].tolist() + [int(bonus[0])])
+            n += path_len
+            anchor = bonus
+            self._account(stats, start, out, committed=path_len)
+            yield out
+
+    def _draft_tree(self, anchor: Tensor, n: int, stats: GenerationStats) -> Tree:
+        base = torch.tensor([n], device=anchor.device)
+        if self.drafter is None:  # budget 1: the root alone
+            ones = torch.ones(1, 1, dtype=torch.long, device=anchor.device)
+            return Tree(tokens=anchor.view(1, 1), parents=-ones, depths=ones - 1, positions=base.view(1, 1),
+                        ancestors=torch.ones(1, 1, words_for(1), dtype=torch.int32, device=anchor.device),
+                        num_nodes=ones[0])
+        with self._phase("draft", stats):
+            logprobs, ids = self.drafter.propose(anchor, self.width)
+        with self._phase("build", stats):
+            return build_tree(logprobs[:, :self.depth], ids[:, :self.depth], anchor, base, self.budget)
+
+    def _account(self, stats: GenerationStats, start: float, out: list[int], committed: int | None) -> None:
+        stats.new_tokens += len(out)
+        if committed is not None:
+            stats.rounds += 1
+            stats.accept_lengths.append(committed)
+        stats.wall_seconds = time.perf_counter() - start
+
+    @contextlib.contextmanager
+    def _phase(self, name: str, stats: GenerationStats) -> Iterator[None]:
+        if self.profile and self.target.device.type == "cuda":
+            torch.cuda.synchronize(self.target.device)
+        t0 = time.perf_counter()
+        yield
+        if self.profile and self.target.device.type == "cuda":
+            torch.cuda.synchronize(self.target.device)
+        stats.phase_seconds[name] += time.perf_counter() - t0
