@@ -29,8 +29,9 @@ class Timer:
     def __post_init__(self) -> None:
         self._flush = torch.empty(_L2_FLUSH_BYTES // 4, dtype=torch.int32, device=self.device)
 
-    def graph_ms(self, fn: Callable[[], object], reps: int = 20, flush_l2: bool = True) -> float:
-        """Median GPU time of one call of ``fn``, from graph replays of ``reps`` calls.
+    def graph_ms(self, fn: Callable[[], object], reps: int = 100, flush_l2: bool = True) -> float:
+        """Median GPU time of one call of ``fn``, from graph replays of ``reps`` calls (the replay's own
+        launch cost is spread over them: compare only times taken with similar ``reps``).
 
         ``flush_l2=False`` keeps what the previous replay left in L2: the state a decoding
         round leaves for small moves, whose rows the verify forward has just written."""
@@ -87,7 +88,7 @@ class Ceilings:
         src = torch.randn(n, device=timer.device)
         dst = torch.empty_like(src)
         copy_ms = timer.eager_ms(lambda: dst.copy_(src), reps=3)
-        return Ceilings(copy_gbps=2 * 4 * n / copy_ms / 1e6, empty_kernel_ms=timer.graph_ms(_empty_kernel(), reps=100))
+        return Ceilings(copy_gbps=2 * 4 * n / copy_ms / 1e6, empty_kernel_ms=timer.graph_ms(_empty_kernel()))
 
     def as_dict(self) -> dict:
         return {"copy_gbps": self.copy_gbps, "empty_kernel_ms": self.empty_kernel_ms}

@@ -10,6 +10,7 @@ plug in oracles through the same interface.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Sequence
 
 import torch
 from torch import Tensor
@@ -26,11 +27,11 @@ class Drafter(ABC):
     tap_layers: tuple[int, ...] = ()
 
     @abstractmethod
-    def start(self, tapped: Tensor | None, capacity: int) -> None:
-        """Begin a sequence whose prompt has these tapped states ``[B, P, taps * H]``."""
+    def start(self, tapped: Tensor, capacity: int) -> None:
+        """Begin a sequence whose prompt has these tapped states ``[B, P, taps * H]`` (``taps`` may be 0)."""
 
     @abstractmethod
-    def extend(self, tapped: Tensor | None) -> None:
+    def extend(self, tapped: Tensor) -> None:
         """Append the tapped states of newly committed positions ``[B, T, taps * H]``."""
 
     @abstractmethod
@@ -51,7 +52,7 @@ class HeadDrafter(Drafter):
         self.context: KVCache | None = None
         self.length = 0
 
-    def start(self, tapped: Tensor | None, capacity: int) -> None:
+    def start(self, tapped: Tensor, capacity: int) -> None:
         spec = self.head.spec
         self.context = KVCache(spec.num_layers, tapped.shape[0], capacity, spec.kv_heads, spec.head_dim,
                                self.target.dtype, self.target.device)
@@ -59,7 +60,7 @@ class HeadDrafter(Drafter):
         self.extend(tapped)
 
     @torch.no_grad()
-    def extend(self, tapped: Tensor | None) -> None:
+    def extend(self, tapped: Tensor) -> None:
         rows = tapped.shape[1]
         positions = torch.arange(self.length, self.length + rows, device=tapped.device).expand(tapped.shape[0], -1)
         for layer, (k, v) in enumerate(self.head.context_key_values(tapped, positions)):
@@ -77,3 +78,31 @@ class HeadDrafter(Drafter):
         hidden = self.head(self.target.embed_tokens(ids), positions, context)
         logits = self.target.lm_head(hidden[:, 1:]).float()
         return torch.log_softmax(logits, dim=-1).topk(min(width, logits.shape[-1]), dim=-1)
+
+
+class OracleDrafter(Drafter):
+    """Proposes a known continuation (e.g. the target's own greedy output) at rank 0 of every depth,
+    with ``width - 1`` other tokens below it: the upper bound on acceptance for a given depth
+    (every full round commits depth + 1 tokens). For tests and benchmarks of the rest of a round."""
+
+    def __init__(self, continuation: Sequence[int], depth: int, vocab_size: int) -> None:
+        self.continuation = list(continuation)
+        self.depth = depth
+        self.vocab_size = vocab_size
+        self.prompt_length = self.length = 0
+
+    def start(self, tapped: Tensor, capacity: int) -> None:
+        self.prompt_length = self.length = tapped.shape[1]
+
+    def extend(self, tapped: Tensor) -> None:
+        self.length += tapped.shape[1]
+
+    def propose(self, anchor: Tensor, width: int) -> tuple[Tensor, Tensor]:
+        # The anchor is continuation[k] with k = committed positions since the prompt.
+        k = self.length - self.prompt_length
+        ids = torch.empty(1, self.depth, width, dtype=torch.long)
+        for d in range(self.depth):
+            true = self.continuation[k + d + 1] if k + d + 1 < len(self.continuation) else 0
+            ids[0, d] = (true + torch.arange(width)) % self.vocab_size
+        logprobs = -torch.arange(width, dtype=torch.float32).expand(1, self.depth, width) * 10.0
+        return logprobs.to(anchor.device), ids.to(anchor.device)

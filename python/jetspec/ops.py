@@ -21,7 +21,8 @@ __all__ = ["kv_compact", "accept_greedy"]
 _warned: set[tuple[str, str]] = set()
 
 
-def _compiled(op: str, device: torch.device) -> bool:
+def use_kernel(op: str, device: torch.device) -> bool:
+    """Whether the build has ``op``'s kernel for ``device``; warns once per (op, device) when it has not."""
     if has_kernel(op, device):
         return True
     if (op, device.type) not in _warned:
@@ -45,7 +46,7 @@ def kv_compact(cache: Tensor, accepted: Tensor, accept_len: Tensor, base: Tensor
         accept_len: ``[batch]`` int64, valid entries of ``accepted``.
         base: ``[batch]`` int64, slot of tree node 0.
     """
-    if _compiled("kv_compact", cache.device):
+    if use_kernel("kv_compact", cache.device):
         torch.ops.jetspec.kv_compact(cache, accepted, accept_len, base)
     else:
         reference.kv_compact(cache, accepted, accept_len, base)
@@ -66,7 +67,7 @@ def accept_greedy(
         ``(accepted [batch, max_accept], accept_len [batch], bonus [batch])``, all int64.
     """
     m = tokens.shape[-1] if max_accept is None else max_accept
-    if not _compiled("accept_greedy", tokens.device):
+    if not use_kernel("accept_greedy", tokens.device):
         return reference.accept_greedy(tokens, parents, target_ids, num_nodes, m)
     batch = tokens.shape[0]
     accepted = tokens.new_empty((batch, m))

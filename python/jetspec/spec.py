@@ -17,6 +17,7 @@ Budget 1 is plain greedy decoding through the same verify path.
 from __future__ import annotations
 
 import contextlib
+import numbers
 import time
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
@@ -87,8 +88,9 @@ class SpeculativeGenerator:
 
     Args:
         model: an HF decoder-only ``*ForCausalLM`` (Qwen3, Qwen2, Llama, ...).
-        drafter: a :class:`~jetspec.heads.DraftHead` (JetSpec or DFlash), any :class:`Drafter`,
-            or None for plain autoregressive decoding (then ``budget`` must be 1).
+        drafter: a :class:`~jetspec.heads.DraftHead` (JetSpec or DFlash; moved in place to the target's
+            device and dtype), any :class:`Drafter`, or None for plain autoregressive decoding (then
+            ``budget`` must be 1).
         budget: tree nodes per round, root included (1 = autoregressive).
         width: candidates per depth (1 = chain drafting).
         depth: deepest tree depth (default: the drafter's, i.e. the head's block size - 1).
@@ -119,7 +121,10 @@ class SpeculativeGenerator:
 
     def generate(self, input_ids: Tensor, max_new_tokens: int = 128,
                  eos_token_id: int | Sequence[int] | None = None) -> GenerationOutput:
-        """Like ``model.generate(input_ids, do_sample=False, max_new_tokens=...)``, token for token."""
+        """Like ``model.generate(input_ids, do_sample=False, max_new_tokens=...)``, token for token.
+
+        ``eos_token_id``: an id or a list of ids to stop after (the stop token is kept, as HF does);
+        None means the model's ``generation_config.eos_token_id``; ``[]`` never stops early."""
         stream = self.stream(input_ids, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id)
         for _ in stream:
             pass
@@ -133,16 +138,32 @@ class SpeculativeGenerator:
         prompt = self._prompt(input_ids)
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"jetspec: max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-        eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
+        eos = self._eos_ids(eos_token_id)
+        # Positions used: the prompt's, then n + depth for a round that starts with n committed tokens in
+        # the cache, where n <= prompt + max_new_tokens - 2 (a round runs only while a token is still owed).
         limit = self.target.max_positions
-        furthest = prompt.shape[1] + max_new_tokens + self.depth
-        if limit is not None and furthest > limit:
-            raise ValueError(f"jetspec: prompt ({prompt.shape[1]}) + max_new_tokens ({max_new_tokens}) + tree depth "
-                             f"({self.depth}) reaches position {furthest}, past the model's {limit} positions")
+        furthest = max(prompt.shape[1] - 1, prompt.shape[1] + max_new_tokens - 2 + self.depth)
+        if limit is not None and furthest >= limit:
+            raise ValueError(f"jetspec: prompt ({prompt.shape[1]}) + max_new_tokens ({max_new_tokens}) with tree depth "
+                             f"{self.depth} needs position {furthest}, past the model's {limit} positions")
         stats = GenerationStats(prompt_tokens=prompt.shape[1])
         return TokenStream(self._run(prompt, max_new_tokens, eos, stats), stats)
 
     # -- the loop ------------------------------------------------------------------------------
+
+    def _eos_ids(self, eos_token_id) -> set[int]:
+        """The stop tokens: as given (an id or ids; [] for none), else the model's generation config's."""
+        if eos_token_id is None:
+            config = getattr(self.target.model, "generation_config", None)
+            eos_token_id = getattr(config, "eos_token_id", None)
+        if eos_token_id is None:
+            return set()
+        if isinstance(eos_token_id, Tensor):
+            eos_token_id = eos_token_id.flatten().tolist()
+        ids = [eos_token_id] if isinstance(eos_token_id, numbers.Integral) else list(eos_token_id)
+        if not all(isinstance(i, numbers.Integral) for i in ids):
+            raise ValueError(f"jetspec: eos_token_id must be a token id or a list of ids, got {eos_token_id!r}")
+        return {int(i) for i in ids}
 
     def _prompt(self, input_ids: Tensor) -> Tensor:
         if not isinstance(input_ids, Tensor) or input_ids.dtype != torch.long:

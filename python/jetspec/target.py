@@ -58,14 +58,14 @@ class Target:
 
     @torch.no_grad()
     def forward(self, tokens: Tensor, positions: Tensor, cache: KVCache, start: int, visible: Tensor,
-                tap_layers: Sequence[int] = ()) -> tuple[Tensor, Tensor | None]:
+                tap_layers: Sequence[int] = ()) -> tuple[Tensor, Tensor]:
         """Run ``tokens`` ``[B, n]`` at ``positions`` ``[B, n]``; their K/V land in cache slots
         ``start .. start + n``, and token i attends the prefix ``[0, start)`` and the new tokens j
         with ``visible[:, i, j]``.
 
         Returns:
-            logits ``[B, n, V]`` and, if ``tap_layers`` is given, the outputs of those decoder layers
-            concatenated along features, ``[B, n, len(tap_layers) * H]`` (else None).
+            logits ``[B, n, V]`` and the outputs of the ``tap_layers`` decoder layers concatenated along
+            features, ``[B, n, len(tap_layers) * H]`` (``[B, n, 0]`` when none are tapped).
         """
         tapped: dict[int, Tensor] = {}
         hooks = [self.model.model.layers[layer].register_forward_hook(_tap_into(tapped, layer))
@@ -81,7 +81,9 @@ class Target:
         finally:
             for hook in hooks:
                 hook.remove()
-        return out.logits, (torch.cat([tapped[layer] for layer in tap_layers], dim=-1) if tap_layers else None)
+        if not tap_layers:
+            return out.logits, out.logits.new_empty(*tokens.shape, 0)
+        return out.logits, torch.cat([tapped[layer] for layer in tap_layers], dim=-1)
 
 
 def _tap_into(store: dict[int, Tensor], layer: int):

@@ -14,7 +14,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from .ops import _compiled
+from .ops import use_kernel
 
 __all__ = ["Tree", "build_tree", "ancestor_mask", "words_for"]
 
@@ -147,7 +147,7 @@ def build_tree(topk_logprobs: Tensor, topk_ids: Tensor, root_token: Tensor, base
     """
     _check(topk_logprobs, topk_ids, root_token, base_pos, budget)
     device = topk_logprobs.device
-    on = device if _compiled("build_tree", device) else torch.device("cpu")
+    on = device if use_kernel("build_tree", device) else torch.device("cpu")
     batch = topk_logprobs.shape[0]
     out = Tree(
         tokens=torch.empty(batch, budget, dtype=torch.long, device=on),

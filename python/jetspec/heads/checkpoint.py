@@ -35,7 +35,11 @@ def _resolve(path: str | Path) -> Path:
 def _weight_files(folder: Path) -> list[Path]:
     if (folder / INDEX).is_file():
         index = json.loads((folder / INDEX).read_text())
-        return [folder / name for name in sorted(set(index["weight_map"].values()))]
+        files = [folder / name for name in sorted(set(index.get("weight_map", {}).values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if not files or missing:
+            raise CheckpointError(f"jetspec: {folder / INDEX} names shards that are not there: {missing or 'none'}")
+        return files
     if (folder / WEIGHTS).is_file():
         return [folder / WEIGHTS]
     if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
@@ -58,6 +62,9 @@ def load_head(path: str | Path, *, dtype: torch.dtype | None = None,
         with safe_open(str(file), framework="pt") as f:
             for key in f.keys():
                 name = key[len("model."):] if key.startswith("model.") else key
+                if name in tensors:
+                    raise CheckpointError(f"jetspec: {folder} holds '{name}' twice (with and without 'model.', "
+                                          "or in two shards)")
                 tensors[name] = f.get_tensor(key)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
