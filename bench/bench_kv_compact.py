@@ -63,6 +63,9 @@ def run(timer: Timer, ceil: Ceilings) -> list[dict]:
             "torch_indexing_ms": timer.graph_ms(all_planes_indexing),
         }
         row["hot_vs_empty_kernel"] = row["ms_l2_hot"] / ceil.empty_kernel_ms
+        # The floor of one launch that moves these bytes: an empty launch plus the bytes at copy bandwidth.
+        row["floor_ms"] = ceil.empty_kernel_ms + bytes_moved / ceil.copy_gbps / 1e6
+        row["vs_floor"] = t_op / row["floor_ms"]
         row["speedup_vs_loop"] = row["torch_loop_ms"] / t_op
         row["speedup_vs_loop_eager"] = row["torch_loop_eager_ms"] / row["eager_ms"]
         row["speedup_vs_indexing"] = row["torch_indexing_ms"] / t_op
@@ -77,6 +80,7 @@ COLUMNS = [
     ("ms_l2_hot", "hot ms", ".4f"),
     ("hot_vs_empty_kernel", "hot x empty", ".2f"),
     ("frac_copy_bw", "of copy BW", ".1%"),
+    ("vs_floor", "x floor", ".2f"),
     ("eager_ms", "op eager ms", ".4f"),
     ("torch_loop_ms", "loop ms", ".4f"),
     ("speedup_vs_loop", "x vs loop", ".1f"),

@@ -4,8 +4,9 @@
 // Two kernels, picked by the path capacity M (known on the host):
 //
 // Short paths (M <= kShortRows, every decoding round): a block owns 32 vector
-// columns of one (plane, sequence) and all M rows, a row per warp (two past 32
-// rows); it loads every row, synchronises, then stores. Reading everything
+// columns of one (plane, sequence) and all M rows, a row per warp up to 16 rows
+// and 2 or 4 rows per warp past that (so that every block of a Qwen3-8B-sized
+// cache fits on the chip at once); it loads every row, synchronises, then stores. Reading everything
 // before writing anything makes any overlap safe, and the kernel is a handful
 // of instructions: at this size a round trip to memory and the launch are the
 // whole cost. Unrolled code cost instruction-cache misses that showed up as time
@@ -29,12 +30,12 @@ namespace {
 
 constexpr int kThreads = 32;     // lanes per warp: one vector column each
 constexpr int kShortRows = 64;   // longest path of the short kernel
-constexpr int kShortUnroll = 2;  // rows per thread in the short kernel, past 32 rows
+constexpr int kShortWarps = 16;  // most warps per block in the short kernel
 constexpr int kRows = 16;        // rows per chunk of the long kernel; two chunks in flight per lane
 constexpr int kOffsets = 1024;   // path offsets staged per pass of the long kernel
 
-template <typename Vec>
-__global__ void __launch_bounds__(kThreads * 32) kv_compact_short_kernel(KvCompactArgs a, int64_t cols) {
+template <typename Vec, int kShortUnroll>
+__global__ void __launch_bounds__(kThreads * kShortWarps) kv_compact_short_kernel(KvCompactArgs a, int64_t cols) {
   // Grid (column slabs, sequences, planes): no integer division on the latency-critical path.
   const int64_t cb = blockIdx.x, b = blockIdx.y, p = blockIdx.z;
   const int64_t col = cb * kThreads + threadIdx.x;
@@ -132,9 +133,12 @@ cudaError_t launch(const KvCompactArgs& a, cudaStream_t stream) {
   if (col_blocks > 0x7fffffff || a.batch > 65535 || a.planes > 65535) return cudaErrorInvalidConfiguration;
   const dim3 grid(static_cast<unsigned>(col_blocks), static_cast<unsigned>(a.batch), static_cast<unsigned>(a.planes));
   if (a.max_accept <= kShortRows) {
-    const int64_t warps = a.max_accept <= 32 ? a.max_accept : (a.max_accept + kShortUnroll - 1) / kShortUnroll;
-    const dim3 threads(kThreads, static_cast<unsigned>(warps));
-    kv_compact_short_kernel<Vec><<<grid, threads, 0, stream>>>(a, cols);
+    // Fewest rows per thread that fit: unrolled rows that are not there still cost instruction fetches.
+    const int unroll = a.max_accept <= kShortWarps ? 1 : (a.max_accept <= 2 * kShortWarps ? 2 : 4);
+    const dim3 threads(kThreads, static_cast<unsigned>((a.max_accept + unroll - 1) / unroll));
+    if (unroll == 1) kv_compact_short_kernel<Vec, 1><<<grid, threads, 0, stream>>>(a, cols);
+    else if (unroll == 2) kv_compact_short_kernel<Vec, 2><<<grid, threads, 0, stream>>>(a, cols);
+    else kv_compact_short_kernel<Vec, 4><<<grid, threads, 0, stream>>>(a, cols);
   } else {
     kv_compact_long_kernel<Vec><<<grid, kThreads, 0, stream>>>(a, cols);
   }
