@@ -3,10 +3,12 @@
 //
 // Two kernels, picked by the path capacity M (known on the host):
 //
-// Short paths (M <= kShortRows, every decoding round): a block owns 32 vector
-// columns of one (plane, sequence) and all M rows, a row per warp up to 16 rows
-// and 2 or 4 rows per warp past that (so that every block of a Qwen3-8B-sized
-// cache fits on the chip at once); it loads every row, synchronises, then stores. Reading everything
+// Short paths (M <= kShortRows, every decoding round): a block owns one or more
+// slabs of 32 vector columns of one (plane, sequence) and all M rows, a row per
+// warp up to 16 rows and 2 or 4 rows per warp past that (so that every block of
+// a Qwen3-8B-sized cache fits on the chip at once; for the shortest paths, more
+// slabs per block make fewer blocks and a cheaper launch); it loads every row,
+// synchronises, then stores. Reading everything
 // before writing anything makes any overlap safe, and the kernel is a handful
 // of instructions: at this size a round trip to memory and the launch are the
 // whole cost. Unrolled code cost instruction-cache misses that showed up as time
@@ -36,9 +38,9 @@ constexpr int kOffsets = 1024;   // path offsets staged per pass of the long ker
 
 template <typename Vec, int kShortUnroll>
 __global__ void __launch_bounds__(kThreads * kShortWarps) kv_compact_short_kernel(KvCompactArgs a, int64_t cols) {
-  // Grid (column slabs, sequences, planes): no integer division on the latency-critical path.
-  const int64_t cb = blockIdx.x, b = blockIdx.y, p = blockIdx.z;
-  const int64_t col = cb * kThreads + threadIdx.x;
+  // Grid (column blocks, sequences, planes): no integer division on the latency-critical path.
+  const int64_t b = blockIdx.y, p = blockIdx.z;
+  const int64_t col = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   int64_t len = a.accept_len[b];
   len = len < 0 ? 0 : (len > a.max_accept ? a.max_accept : len);
   const int64_t base = a.base[b];
@@ -135,10 +137,15 @@ cudaError_t launch(const KvCompactArgs& a, cudaStream_t stream) {
   if (a.max_accept <= kShortRows) {
     // Fewest rows per thread that fit: unrolled rows that are not there still cost instruction fetches.
     const int unroll = a.max_accept <= kShortWarps ? 1 : (a.max_accept <= 2 * kShortWarps ? 2 : 4);
-    const dim3 threads(kThreads, static_cast<unsigned>((a.max_accept + unroll - 1) / unroll));
-    if (unroll == 1) kv_compact_short_kernel<Vec, 1><<<grid, threads, 0, stream>>>(a, cols);
-    else if (unroll == 2) kv_compact_short_kernel<Vec, 2><<<grid, threads, 0, stream>>>(a, cols);
-    else kv_compact_short_kernel<Vec, 4><<<grid, threads, 0, stream>>>(a, cols);
+    const int64_t rows = (a.max_accept + unroll - 1) / unroll;
+    // Short paths leave room for several column slabs per block: fewer blocks, a cheaper launch.
+    int64_t slabs = kShortWarps / rows;
+    slabs = slabs < 1 ? 1 : (slabs > col_blocks ? col_blocks : slabs);
+    const dim3 threads(static_cast<unsigned>(kThreads * slabs), static_cast<unsigned>(rows));
+    const dim3 short_grid(static_cast<unsigned>((col_blocks + slabs - 1) / slabs), grid.y, grid.z);
+    if (unroll == 1) kv_compact_short_kernel<Vec, 1><<<short_grid, threads, 0, stream>>>(a, cols);
+    else if (unroll == 2) kv_compact_short_kernel<Vec, 2><<<short_grid, threads, 0, stream>>>(a, cols);
+    else kv_compact_short_kernel<Vec, 4><<<short_grid, threads, 0, stream>>>(a, cols);
   } else {
     kv_compact_long_kernel<Vec><<<grid, kThreads, 0, stream>>>(a, cols);
   }
