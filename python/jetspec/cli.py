@@ -47,6 +47,82 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train_head(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from jetspec.datasets import load_sharegpt_prompts, split_sharegpt
+    from jetspec.heads import DraftHead, head_config_for
+    from jetspec.train import (HeadTrainer, TrainConfig, evaluate_acceptance, load_sequences, save_sequences,
+                               self_distill)
+
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype != "auto" else (
+        torch.bfloat16 if device.type == "cuda" else torch.float32)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
+    eos = tokenizer.eos_token_id
+
+    def encode(text: str) -> list[int]:
+        if tokenizer.chat_template:
+            ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                return_dict=True)["input_ids"]
+        else:
+            ids = tokenizer(text)["input_ids"]
+        return list(ids)[-args.max_prompt_tokens:]
+
+    # Held-out prompts are split off by a stable hash of their id: never trained on, whatever --num-prompts.
+    train_prompts, held_out = split_sharegpt(load_sharegpt_prompts(dedupe=True), args.held_out, seed=0)
+    data_file = out / "data.jsonl"
+    if data_file.exists():
+        sequences = load_sequences(data_file)
+        print(f"[jetspec] {len(sequences)} self-distilled sequences from {data_file}", file=sys.stderr)
+    else:
+        prompts = [encode(p.text) for p in train_prompts[:args.num_prompts]]
+        sequences = self_distill(model, prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                                 eos_token_id=eos, pad_token_id=tokenizer.pad_token_id or 0)
+        sequences = [s for s in sequences if len(s.tokens) - s.prompt_len >= 2]
+        save_sequences(sequences, data_file)
+
+    config = TrainConfig(loss=args.loss, weighting=args.weighting, gamma=args.gamma, anchors=args.anchors,
+                         lr=args.lr, seed=args.seed)
+    head = DraftHead(head_config_for(model.config, num_layers=args.layers, block_size=args.block_size,
+                                     causal=not args.bidirectional,
+                                     mask_token_id=_mask_token_id(tokenizer, model.config.vocab_size)))
+    trainer = HeadTrainer(model, head, config)
+    if args.resume and (out / "trainer").exists():
+        trainer.resume(out)
+        print(f"[jetspec] resumed at step {trainer.state.step}", file=sys.stderr)
+    eval_prompts = [encode(p.text) for p in held_out[:args.eval_prompts]]
+
+    def evaluate(h: DraftHead) -> dict:
+        return evaluate_acceptance(model, h, eval_prompts, budget=args.eval_budget, width=args.eval_width,
+                                   max_new_tokens=args.eval_new_tokens, eos_token_id=eos)
+
+    trainer.train(sequences, steps=args.steps, until=args.until, checkpoint_dir=out,
+                  checkpoint_every=args.checkpoint_every, evaluate=evaluate, eval_every=args.eval_every)
+    if trainer.state.step == args.steps:
+        final = evaluate(trainer.inference_head())
+        (out / "final_eval.json").write_text(json.dumps(final, indent=1))
+        print(f"[jetspec] held-out acceptance: tau {final['tau']:.2f} over {final['rounds']} rounds", file=sys.stderr)
+    print(f"[jetspec] step {trainer.state.step}/{args.steps}; head saved to {out / 'head'}", file=sys.stderr)
+    return 0
+
+
+def _mask_token_id(tokenizer, vocab_size: int) -> int:
+    """A token the head reads as "to be predicted": the tokenizer's mask or pad token if it has one,
+    else the last id of the embedding table (the head only needs its embedding to be fixed)."""
+    for token in (tokenizer.mask_token_id, tokenizer.pad_token_id):
+        if token is not None and token < vocab_size:
+            return token
+    return vocab_size - 1
+
+
 def _tiny_model(args: argparse.Namespace) -> int:
     from jetspec.tiny import write_tiny_model
 
@@ -99,6 +175,38 @@ def main(argv: list[str] | None = None) -> int:
                      help="tokenize the prompt as raw text")
     gen.add_argument("--profile", action="store_true", help="synchronise around phases for exact phase times")
     gen.set_defaults(func=_generate)
+
+    train = sub.add_parser("train-head", help="train a draft head by self-distillation from the target",
+                           description="Self-distil ShareGPT prompts through the target, then train a JetSpec "
+                                       "(or DFlash) head; checkpoints in the published format under OUT/head.")
+    train.add_argument("--model", required=True, help="HF target model folder")
+    train.add_argument("--out", required=True, help="output folder (data.jsonl, head/, trainer/)")
+    train.add_argument("--num-prompts", type=int, default=2000, help="ShareGPT training prompts to self-distil")
+    train.add_argument("--held-out", type=int, default=64, help="ShareGPT prompts kept out of training")
+    train.add_argument("--eval-prompts", type=int, default=16, help="held-out prompts for acceptance evals")
+    train.add_argument("--max-prompt-tokens", type=int, default=512)
+    train.add_argument("--max-new-tokens", type=int, default=256, help="response length of the self-distillation")
+    train.add_argument("--batch-size", type=int, default=32, help="prompts per self-distillation batch")
+    train.add_argument("--layers", type=int, default=1, help="draft head decoder layers")
+    train.add_argument("--block-size", type=int, default=16, help="anchor + predicted depths")
+    train.add_argument("--bidirectional", action="store_true", help="train a DFlash-style bidirectional head")
+    train.add_argument("--loss", choices=["kl", "ce"], default="kl")
+    train.add_argument("--weighting", choices=["uniform", "exp"], default="uniform")
+    train.add_argument("--gamma", type=float, default=7.0, help="decay length of --weighting exp")
+    train.add_argument("--anchors", type=int, default=64, help="blocks per sequence per step")
+    train.add_argument("--steps", type=int, default=2000, help="optimizer steps in all (one sequence each)")
+    train.add_argument("--until", type=int, default=None, help="stop after this step (resume later with --resume)")
+    train.add_argument("--resume", action="store_true", help="continue from OUT/trainer if present")
+    train.add_argument("--lr", type=float, default=6e-4)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--checkpoint-every", type=int, default=500)
+    train.add_argument("--eval-every", type=int, default=0, help="held-out acceptance every N steps (0: at the end)")
+    train.add_argument("--eval-budget", type=int, default=32)
+    train.add_argument("--eval-width", type=int, default=4)
+    train.add_argument("--eval-new-tokens", type=int, default=64)
+    train.add_argument("--dtype", default="auto", choices=["auto", *DTYPES])
+    train.add_argument("--device", default="auto")
+    train.set_defaults(func=_train_head)
 
     tiny = sub.add_parser("tiny-model", help="write a tiny random-weight Qwen3 + head + tokenizer (offline demo)")
     tiny.add_argument("folder", help="where to write the model (its head goes to FOLDER/head)")

@@ -50,10 +50,10 @@ class HeadAttention(nn.Module):
         return _rotate(k, cos, sin), v
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, context_k: Tensor, context_v: Tensor,
-                block_mask: Tensor | None) -> Tensor:
+                mask: Tensor | None) -> Tensor:
         """Block ``x`` ``[B, S, H]`` attends ``context_k/v`` ``[B, kv_heads, T, D]`` and itself.
 
-        ``block_mask``: ``[S, S]`` bool among block slots (None: bidirectional)."""
+        ``mask``: ``[S, T + S]`` bool, what each block slot may see (None: everything)."""
         b, s, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(b, s, self.num_heads, self.head_dim)).transpose(1, 2)
         q = _rotate(q, cos, sin)
@@ -63,9 +63,6 @@ class HeadAttention(nn.Module):
         groups = self.num_heads // self.kv_heads
         if groups > 1:
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        mask = None
-        if block_mask is not None:
-            mask = torch.cat([block_mask.new_ones(s, context_k.shape[2]), block_mask], dim=1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.head_dim ** -0.5)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
 
@@ -79,8 +76,8 @@ class HeadLayer(nn.Module):
         self.mlp = Qwen3MLP(config)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, context_k: Tensor, context_v: Tensor,
-                block_mask: Tensor | None) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, context_k, context_v, block_mask)
+                mask: Tensor | None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, context_k, context_v, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -134,12 +131,19 @@ class DraftHead(nn.Module):
         cos, sin = self.rope(context, positions)
         return [layer.self_attn.key_value(context, cos, sin) for layer in self.layers]
 
-    def forward(self, block: Tensor, positions: Tensor, context: list[tuple[Tensor, Tensor]]) -> Tensor:
+    def forward(self, block: Tensor, positions: Tensor, context: list[tuple[Tensor, Tensor]],
+                mask: Tensor | None = None) -> Tensor:
         """Run the block ``[B, S, H]`` (embedded ``[anchor, mask, ...]``) at ``positions`` ``[B, S]``
-        over the per-layer context K/V; returns the final hidden states ``[B, S, H]`` (after ``norm``)."""
+        over the per-layer context K/V ``[B, kv_heads, T, D]``; returns the final hidden states
+        ``[B, S, H]`` (after ``norm``).
+
+        ``mask``: ``[S, T + S]`` bool, which context rows and block slots each slot sees. Default: every
+        context row, and the block causally (JetSpec) or entirely (DFlash). Training packs many
+        blocks into one call and passes their block-sparse mask here."""
         cos, sin = self.rope(block, positions)
-        s = block.shape[1]
-        mask = torch.ones(s, s, dtype=torch.bool, device=block.device).tril() if self.spec.causal else None
+        if mask is None and self.spec.causal:
+            s, t = block.shape[1], context[0][0].shape[2]
+            mask = torch.ones(s, t + s, dtype=torch.bool, device=block.device).tril(diagonal=t)
         x = block
         for layer, (k, v) in zip(self.layers, context):
             x = layer(x, cos, sin, k, v, mask)

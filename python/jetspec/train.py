@@ -1,0 +1,318 @@
+"""Training draft heads by self-distillation from a frozen target.
+
+Data: prompts -> the target's own greedy responses (:func:`self_distill`), so the head
+learns the target's distribution, not a dataset's. Training (:class:`HeadTrainer`)
+uses exactly the inference layout: for an anchor position a of a sequence, the
+block ``[x_a, mask, ..., mask]`` at positions a..a+B-1 sees the projected target
+hidden states of positions < a and itself (causally for JetSpec, fully for DFlash);
+slot d is trained towards token a+d. Many anchors of one sequence are packed into
+one head forward with a block-sparse mask (blocks never see each other).
+
+Two losses: ``"kl"``, the forward KL from the target's temperature-scaled next-token
+distribution (the paper's main results), and ``"ce"``, cross-entropy on the target's
+greedy tokens. Two depth weightings: ``"uniform"`` (the paper's) and ``"exp"``
+(w_d = exp(-(d - 1) / gamma), DFlash's, favouring the early depths that gate all
+later acceptance).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import random
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .heads import DraftHead, load_head, save_head
+from .target import Target
+
+
+@dataclass
+class TrainingSequence:
+    """Prompt tokens followed by the target's greedy response."""
+
+    tokens: list[int]
+    prompt_len: int
+
+
+@dataclass
+class TrainConfig:
+    loss: Literal["kl", "ce"] = "kl"
+    temperature: float = 1.0  # of the KL's teacher and student distributions
+    weighting: Literal["uniform", "exp"] = "uniform"
+    gamma: float = 7.0  # decay length of the "exp" weighting, in depths
+    anchors: int = 64  # blocks drawn per sequence per step
+    lr: float = 6e-4
+    weight_decay: float = 0.0
+    warmup: float = 0.04  # fraction of the steps
+    grad_clip: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.loss not in ("kl", "ce"):
+            raise ValueError(f"jetspec: loss must be 'kl' or 'ce', got {self.loss!r}")
+        if self.weighting not in ("uniform", "exp"):
+            raise ValueError(f"jetspec: weighting must be 'uniform' or 'exp', got {self.weighting!r}")
+        if self.temperature <= 0 or self.gamma <= 0 or self.anchors < 1 or self.lr <= 0:
+            raise ValueError("jetspec: temperature, gamma and lr must be positive and anchors at least 1")
+        if not 0 <= self.warmup < 1:
+            raise ValueError(f"jetspec: warmup is a fraction of the steps in [0, 1), got {self.warmup}")
+
+
+@torch.no_grad()
+def self_distill(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, batch_size: int = 16,
+                 eos_token_id: int | Sequence[int] | None = None, pad_token_id: int = 0,
+                 progress: bool = True) -> list[TrainingSequence]:
+    """The target's greedy responses to ``prompts`` (token ids), batched with left padding."""
+    device = model.lm_head.weight.device
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a batch
+    results: dict[int, TrainingSequence] = {}
+    for start in tqdm(range(0, len(order), batch_size), desc="self-distillation", disable=not progress):
+        idx = order[start:start + batch_size]
+        width = max(len(prompts[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad_token_id, dtype=torch.long)
+        attention = torch.zeros(len(idx), width, dtype=torch.long)
+        for row, i in enumerate(idx):
+            ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
+            attention[row, width - len(prompts[i]):] = 1
+        generated = model.generate(ids.to(device), attention_mask=attention.to(device), do_sample=False,
+                                   max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                                   pad_token_id=pad_token_id)[:, width:].tolist()
+        eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
+        for row, i in enumerate(idx):
+            response = []
+            for token in generated[row]:
+                response.append(token)
+                if token in eos:
+                    break
+            results[i] = TrainingSequence(tokens=list(prompts[i]) + response, prompt_len=len(prompts[i]))
+    return [results[i] for i in range(len(prompts))]
+
+
+def evaluate_acceptance(model: nn.Module, head: DraftHead, prompts: Sequence[Sequence[int]], *, budget: int = 64,
+                        width: int = 8, max_new_tokens: int = 64, eos_token_id=None) -> dict:
+    """Mean acceptance length (tokens committed per round) of ``head`` over ``prompts``."""
+    from .spec import SpeculativeGenerator
+
+    gen = SpeculativeGenerator(model, head, budget=budget, width=width)
+    lengths: list[int] = []
+    device = model.lm_head.weight.device
+    for prompt in prompts:
+        out = gen.generate(torch.tensor([list(prompt)], device=device), max_new_tokens=max_new_tokens,
+                           eos_token_id=eos_token_id)
+        lengths += out.stats.accept_lengths
+    return {"tau": sum(lengths) / max(len(lengths), 1), "rounds": len(lengths)}
+
+
+def save_sequences(sequences: Iterable[TrainingSequence], path: str | Path) -> None:
+    with open(path, "w") as f:
+        for s in sequences:
+            f.write(json.dumps(asdict(s)) + "\n")
+
+
+def load_sequences(path: str | Path) -> list[TrainingSequence]:
+    with open(path) as f:
+        return [TrainingSequence(**json.loads(line)) for line in f if line.strip()]
+
+
+def block_mask(anchors: Sequence[int], context_len: int, block_size: int, causal: bool,
+               device: torch.device | str = "cpu") -> Tensor:
+    """``[n * B, T + n * B]`` bool: block j (anchor a_j) sees context rows < a_j and its own slots."""
+    n = len(anchors)
+    rows = n * block_size
+    slot = torch.arange(rows, device=device)
+    block_of = slot // block_size
+    anchor = torch.tensor(list(anchors), device=device)[block_of]
+    context = torch.arange(context_len, device=device)[None, :] < anchor[:, None]
+    same_block = block_of[:, None] == block_of[None, :]
+    if causal:
+        same_block &= slot[None, :] <= slot[:, None]
+    return torch.cat([context, same_block], dim=1)
+
+
+@dataclass
+class StepMetrics:
+    loss: float
+    accuracy: list[float]  # per depth 1..D: head argmax == target greedy token
+    blocks: int
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+
+
+class HeadTrainer:
+    """Trains ``head`` against the frozen ``model``. The head is moved in place to the target's device
+    and kept in fp32 (master weights); bf16 autocast runs its forward on CUDA."""
+
+    def __init__(self, model: nn.Module, head: DraftHead, config: TrainConfig | None = None) -> None:
+        self.target = Target(model)
+        self.config = config or TrainConfig()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        self.head = head.to(device=self.target.device, dtype=torch.float32).train()
+        spec = head.spec
+        self.depth_weights = torch.ones(spec.depth, device=self.target.device)
+        if self.config.weighting == "exp":
+            d = torch.arange(spec.depth, device=self.target.device, dtype=torch.float32)
+            self.depth_weights = torch.exp(-d / self.config.gamma)
+        self.optimizer = torch.optim.AdamW(self.head.parameters(), lr=self.config.lr, betas=(0.9, 0.95),
+                                           weight_decay=self.config.weight_decay)
+        self.state = TrainState()
+
+    # -- one sequence -------------------------------------------------------------------------
+
+    def sequence_loss(self, sequence: TrainingSequence, anchors: Sequence[int] | None = None) -> tuple[Tensor, StepMetrics]:
+        """Loss of the head on blocks anchored in ``sequence``'s response (random anchors by default)."""
+        spec, cfg, device = self.head.spec, self.config, self.target.device
+        tokens = torch.tensor(sequence.tokens, device=device)[None]
+        length = tokens.shape[1]
+        if anchors is None:  # seeded by the step, so that a resumed run draws what an unbroken one would
+            candidates = range(sequence.prompt_len, length - 1)  # every anchor has at least one label
+            rng = random.Random(cfg.seed * 1_000_003 + self.state.step)
+            anchors = sorted(rng.sample(candidates, min(cfg.anchors, len(candidates))))
+        if not anchors:
+            raise ValueError("jetspec: a training sequence needs a response of at least 2 tokens")
+        positions = torch.arange(length, device=device)[None]
+        with torch.no_grad():
+            teacher_logits, tapped = self.target.forward(
+                tokens, positions, self.target.new_cache(1, length), 0,
+                torch.ones(1, length, length, dtype=torch.bool, device=device).tril(), spec.target_layer_ids)
+        anchor_t = torch.tensor(list(anchors), device=device)
+        offsets = torch.arange(spec.block_size, device=device)
+        block_pos = (anchor_t[:, None] + offsets[None]).flatten()[None]  # [1, n * B]
+        block_ids = torch.full_like(block_pos, spec.mask_token_id)
+        block_ids.view(len(anchors), -1)[:, 0] = tokens[0, anchor_t]
+
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            context = self.head.context_key_values(tapped.float(), positions)
+            hidden = self.head(self.target.embed_tokens(block_ids).float(), block_pos, context,
+                               block_mask(anchors, length, spec.block_size, spec.causal, device))
+            preds = hidden.view(len(anchors), spec.block_size, -1)[:, 1:]  # slots 1..D
+            logits = self.target.lm_head(preds).float()  # [n, D, V]
+        target_pos = anchor_t[:, None] + offsets[None, 1:]  # token a + d
+        valid = target_pos < length
+        target_pos = target_pos.clamp(max=length - 1)
+        labels = tokens[0, target_pos]
+        if cfg.loss == "ce":
+            per_slot = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
+        else:
+            t = cfg.temperature
+            teacher = torch.log_softmax(teacher_logits[0, target_pos - 1].float() / t, dim=-1)
+            student = torch.log_softmax(logits / t, dim=-1)
+            per_slot = (teacher.exp() * (teacher - student)).sum(-1) * t * t
+        weights = self.depth_weights[None, :] * valid
+        loss = (per_slot * weights).sum() / weights.sum()
+        correct = (logits.argmax(-1) == labels) & valid
+        accuracy = (correct.sum(0) / valid.sum(0).clamp(min=1)).tolist()
+        return loss, StepMetrics(loss=float(loss.detach()), accuracy=accuracy, blocks=len(anchors))
+
+    # -- the loop -----------------------------------------------------------------------------
+
+    def train(self, sequences: Sequence[TrainingSequence], *, steps: int, until: int | None = None,
+              checkpoint_dir: str | Path | None = None, checkpoint_every: int = 0,
+              evaluate: Callable[[DraftHead], dict] | None = None, eval_every: int = 0,
+              progress: bool = True) -> list[dict]:
+        """Train for ``steps`` steps in all, one sequence per step in a seeded shuffled order.
+
+        A run can be split (e.g. across processes with a time limit): ``until`` stops after that step,
+        and a trainer that :meth:`resume`\ s the checkpoint continues exactly where it stopped (the
+        schedule always spans ``steps``). Returns the history: loss, per-depth accuracy, learning rate,
+        and ``evaluate``'s results every ``eval_every`` steps."""
+        if not sequences:
+            raise ValueError("jetspec: no training sequences")
+        schedule = _warmup_cosine(steps, self.config.warmup)
+        stop = steps if until is None else min(until, steps)
+        order = self._order(len(sequences))
+        bar = tqdm(total=stop, initial=self.state.step, desc="train-head", disable=not progress)
+        while self.state.step < stop:
+            if not order:
+                order = self._order(len(sequences))
+            lr = self.config.lr * schedule(self.state.step)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            loss, metrics = self.sequence_loss(sequences[order.pop()])
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = float(nn.utils.clip_grad_norm_(self.head.parameters(), self.config.grad_clip))
+            self.optimizer.step()
+            self.state.step += 1
+            record = {"step": self.state.step, "loss": metrics.loss, "accuracy": metrics.accuracy, "lr": lr,
+                      "grad_norm": grad_norm}
+            if evaluate is not None and eval_every and self.state.step % eval_every == 0:
+                record["eval"] = evaluate(self.inference_head())
+            self.state.history.append(record)
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics.loss:.3f}", acc=" ".join(f"{a:.2f}" for a in metrics.accuracy[:3]))
+            if checkpoint_dir is not None and checkpoint_every and self.state.step % checkpoint_every == 0:
+                self.save(checkpoint_dir)
+        bar.close()
+        if checkpoint_dir is not None:
+            self.save(checkpoint_dir)
+        return self.state.history
+
+    def _order(self, n: int) -> list[int]:
+        """The rest of the current epoch's seeded shuffle of ``n`` sequences, as a stack."""
+        epoch, done = divmod(self.state.step, n)
+        order = list(range(n))
+        random.Random(self.config.seed * 1_000_003 + epoch).shuffle(order)
+        return order[:n - done]
+
+    def inference_head(self) -> DraftHead:
+        """A copy of the head in the target's dtype, in eval mode, for evaluation or saving."""
+        return copy.deepcopy(self.head).to(dtype=self.target.dtype).eval()
+
+    # -- checkpoints --------------------------------------------------------------------------
+
+    def save(self, folder: str | Path, max_shard_bytes: int | None = None) -> Path:
+        """``folder/head`` (published format, the target's dtype) and ``folder/trainer`` (fp32 master
+        weights, optimizer moments, step, history) to resume from. Safetensors and JSON only."""
+        folder = Path(folder)
+        save_head(self.inference_head(), folder / "head", max_shard_bytes=max_shard_bytes)
+        save_head(self.head, folder / "trainer" / "master")
+        moments = {}
+        for i, p in enumerate(self.head.parameters()):
+            for key, value in self.optimizer.state.get(p, {}).items():
+                moments[f"{i}.{key}"] = value.detach().reshape(-1).float().cpu() if key == "step" else value.cpu()
+        save_file(moments, str(folder / "trainer" / "optimizer.safetensors"))
+        (folder / "trainer" / "state.json").write_text(json.dumps(
+            {"step": self.state.step, "history": self.state.history, "config": asdict(self.config)}, indent=1))
+        return folder
+
+    def resume(self, folder: str | Path) -> None:
+        """Continue from :meth:`save`'s ``folder``: master weights, optimizer moments, step, history."""
+        folder = Path(folder) / "trainer"
+        master = load_head(folder / "master", dtype=torch.float32, device=self.target.device)
+        if master.spec != self.head.spec:
+            raise ValueError(f"jetspec: the checkpoint at {folder} is a different head ({master.spec})")
+        self.head.load_state_dict(master.state_dict())
+        moments = load_file(str(folder / "optimizer.safetensors"), device=str(self.target.device))
+        for i, p in enumerate(self.head.parameters()):
+            entries = {k.split(".", 1)[1]: v for k, v in moments.items() if k.split(".", 1)[0] == str(i)}
+            if entries:
+                entries["step"] = entries["step"].reshape(()).cpu()
+                self.optimizer.state[p] = entries
+        state = json.loads((folder / "state.json").read_text())
+        self.state = TrainState(step=state["step"], history=state["history"])
+
+
+def _warmup_cosine(steps: int, warmup: float) -> Callable[[int], float]:
+    warm = max(1, int(steps * warmup))
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        progress = (step - warm) / max(1, steps - warm)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
