@@ -18,6 +18,7 @@ import pytest
 
 from jetspec import datasets as ds
 from jetspec.datasets import BENCHMARKS, Prompt, load_benchmark, load_sharegpt_prompts, split_sharegpt
+from jetspec.wheels import cache_root
 
 COUNTS = {"mt-bench": 80, "humaneval": 164, "gsm8k": 1319, "math-500": 311, "aime25": 30}
 SHAREGPT_PROMPTS = 11_137  # first turns of the conversations that start with a non-empty human turn
@@ -227,7 +228,7 @@ def test_download_failure_is_a_clear_error(tmp_path, monkeypatch):
 
 def test_cache_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("JETSPEC_CACHE", str(tmp_path / "c"))
-    assert ds.cache_dir() == tmp_path / "c"
+    assert cache_root() == tmp_path / "c"
     monkeypatch.delenv("JETSPEC_CACHE")
     monkeypatch.setenv("HOME", str(tmp_path))
-    assert ds.cache_dir() == tmp_path / ".cache" / "jetspec"
+    assert cache_root() == tmp_path / ".cache" / "jetspec"

