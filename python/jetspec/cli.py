@@ -80,16 +80,17 @@ def _train_head(args: argparse.Namespace) -> int:
 
     # Held-out prompts are split off by a stable hash of their id: never trained on, whatever --num-prompts.
     train_prompts, held_out = split_sharegpt(load_sharegpt_prompts(dedupe=True), args.held_out, seed=0)
+    # Self-distillation appends in chunks, so a run cut short (a time limit) continues where it stopped.
     data_file = out / "data.jsonl"
-    if data_file.exists():
-        sequences = load_sequences(data_file)
-        print(f"[jetspec] {len(sequences)} self-distilled sequences from {data_file}", file=sys.stderr)
-    else:
-        prompts = [encode(p.text) for p in train_prompts[:args.num_prompts]]
-        sequences = self_distill(model, prompts, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                                 eos_token_id=eos, pad_token_id=tokenizer.pad_token_id or 0)
-        sequences = [s for s in sequences if len(s.tokens) - s.prompt_len >= 2]
-        save_sequences(sequences, data_file)
+    sequences = load_sequences(data_file) if data_file.exists() else []
+    todo = [encode(p.text) for p in train_prompts[len(sequences):args.num_prompts]]
+    for start in range(0, len(todo), args.distill_chunk):
+        chunk = self_distill(model, todo[start:start + args.distill_chunk], max_new_tokens=args.max_new_tokens,
+                             batch_size=args.batch_size, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id or 0)
+        save_sequences(chunk, data_file, append=True)
+        sequences += chunk
+    sequences = [s for s in sequences if len(s.tokens) - s.prompt_len >= 2]
+    print(f"[jetspec] {len(sequences)} self-distilled sequences in {data_file}", file=sys.stderr)
 
     config = TrainConfig(loss=args.loss, weighting=args.weighting, gamma=args.gamma, anchors=args.anchors,
                          lr=args.lr, seed=args.seed)
@@ -199,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--max-prompt-tokens", type=int, default=512)
     train.add_argument("--max-new-tokens", type=int, default=256, help="response length of the self-distillation")
     train.add_argument("--batch-size", type=int, default=32, help="prompts per self-distillation batch")
+    train.add_argument("--distill-chunk", type=int, default=256, help="prompts self-distilled per saved chunk")
     train.add_argument("--layers", type=int, default=1, help="draft head decoder layers")
     train.add_argument("--block-size", type=int, default=16, help="anchor + predicted depths")
     train.add_argument("--bidirectional", action="store_true", help="train a DFlash-style bidirectional head")

@@ -112,8 +112,8 @@ def evaluate_acceptance(model: nn.Module, head: DraftHead, prompts: Sequence[Seq
     return {"tau": sum(lengths) / max(len(lengths), 1), "rounds": len(lengths)}
 
 
-def save_sequences(sequences: Iterable[TrainingSequence], path: str | Path) -> None:
-    with open(path, "w") as f:
+def save_sequences(sequences: Iterable[TrainingSequence], path: str | Path, append: bool = False) -> None:
+    with open(path, "a" if append else "w") as f:
         for s in sequences:
             f.write(json.dumps(asdict(s)) + "\n")
 
@@ -226,7 +226,7 @@ class HeadTrainer:
         """Train for ``steps`` steps in all, one sequence per step in a seeded shuffled order.
 
         A run can be split (e.g. across processes with a time limit): ``until`` stops after that step,
-        and a trainer that :meth:`resume`\ s the checkpoint continues exactly where it stopped (the
+        and a trainer resuming from the checkpoint (:meth:`resume`) continues exactly where it stopped (the
         schedule always spans ``steps``). Returns the history: loss, per-depth accuracy, learning rate,
         and ``evaluate``'s results every ``eval_every`` steps."""
         if not sequences:
