@@ -15,6 +15,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from . import ops
+from ._ext import has_kernel
 from .cache import KVCache
 from .heads import DraftHead, check_head_fits_target
 from .target import Target
@@ -76,8 +78,13 @@ class HeadDrafter(Drafter):
         positions = torch.arange(self.length, self.length + spec.block_size, device=anchor.device).expand(batch, -1)
         context = [self.context.read(layer, self.length) for layer in range(spec.num_layers)]
         hidden = self.head(self.target.embed_tokens(ids), positions, context)
-        logits = self.target.lm_head(hidden[:, 1:]).float()
-        return torch.log_softmax(logits, dim=-1).topk(min(width, logits.shape[-1]), dim=-1)
+        lm_head = self.target.lm_head
+        k = min(width, lm_head.weight.shape[0])
+        if getattr(lm_head, "bias", None) is None and has_kernel("draft_topk", hidden.device):
+            return ops.draft_topk(hidden[:, 1:], lm_head.weight, k)
+        # No fused kernel for this device (yet): the LM head in the model's dtype, then the top-K.
+        logits = lm_head(hidden[:, 1:]).float()
+        return torch.log_softmax(logits, dim=-1).topk(k, dim=-1)
 
 
 class OracleDrafter(Drafter):

@@ -16,7 +16,7 @@ from torch import Tensor
 from . import reference
 from ._ext import has_kernel
 
-__all__ = ["kv_compact", "accept_greedy"]
+__all__ = ["kv_compact", "accept_greedy", "draft_topk"]
 
 _warned: set[tuple[str, str]] = set()
 
@@ -77,6 +77,30 @@ def accept_greedy(
     return accepted, accept_len, bonus
 
 
+def draft_topk(hidden: Tensor, weight: Tensor, k: int, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Top-``k`` log-probs of the LM head over ``hidden`` (logits accumulated in float32).
+
+    Without a compiled kernel for the device this runs :func:`jetspec.reference.draft_topk`, which
+    converts ``weight`` to float32 on every call.
+
+    Args:
+        hidden: ``[B, D, H]`` final hidden states of the D predicted depths.
+        weight: ``[V, H]`` LM-head weight (same dtype as ``hidden``).
+        k: candidates per depth.
+        temperature: divides the logits before the softmax.
+
+    Returns:
+        ``(logprobs [B, D, k] float32 descending, ids [B, D, k] int64)``; equal values rank by lower id.
+    """
+    if not use_kernel("draft_topk", hidden.device):
+        return reference.draft_topk(hidden, weight, k, temperature)
+    batch, depth, _ = hidden.shape
+    logprobs = hidden.new_empty((batch, depth, k), dtype=torch.float32)
+    ids = hidden.new_empty((batch, depth, k), dtype=torch.long)
+    torch.ops.jetspec.draft_topk(hidden, weight, temperature, logprobs, ids)
+    return logprobs, ids
+
+
 # Fake impls: shapes/dtypes only, so the ops trace under torch.compile and FakeTensor.
 
 
@@ -103,3 +127,9 @@ def _accept_greedy_fake(
         torch._check(t.dtype == torch.long, lambda: f"jetspec.accept_greedy: '{name}' must be int64")
         torch._check(t.shape == tokens.shape, lambda: f"jetspec.accept_greedy: '{name}' shape mismatch")
     torch._check(accepted.dim() == 2 and accepted.shape[0] == tokens.shape[0])
+
+
+@torch.library.register_fake("jetspec::draft_topk")
+def _draft_topk_fake(hidden: Tensor, weight: Tensor, temperature: float, logprobs: Tensor, ids: Tensor) -> None:
+    torch._check(hidden.dim() == 3 and weight.dim() == 2 and weight.shape[1] == hidden.shape[2])
+    torch._check(logprobs.dtype == torch.float32 and ids.dtype == torch.long and ids.shape == logprobs.shape)

@@ -38,3 +38,10 @@ def accept_greedy(
         bonus[b] = tgt[path[-1]]
     device = tokens.device
     return accepted.to(device), accept_len.to(device), bonus.to(device)
+
+
+def draft_topk(hidden: Tensor, weight: Tensor, k: int, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Top-``k`` of ``log_softmax(hidden @ weight.T / temperature)`` in float32, equal values by lower id."""
+    logits = (hidden.float() @ weight.float().T) / temperature
+    values, order = logits.sort(dim=-1, descending=True, stable=True)
+    return values[..., :k] - logits.logsumexp(-1, keepdim=True), order[..., :k]
