@@ -69,8 +69,7 @@ def test_packed_training_forward_is_the_inference_forward(model, sequences, caus
     target = Target(model)
     tokens = torch.tensor([seq.tokens])
     n = len(seq.tokens)
-    _, tapped = target.forward(tokens, torch.arange(n)[None], target.new_cache(1, n), 0,
-                               torch.ones(1, n, n, dtype=torch.bool).tril(), spec.target_layer_ids)
+    _, tapped = target.prefill(tokens, target.new_cache(1, n), spec.target_layer_ids)
     # the training path's logits, recomputed here through the same public pieces
     with torch.no_grad():
         block_pos = (torch.tensor(anchors)[:, None] + torch.arange(spec.block_size)).flatten()[None]

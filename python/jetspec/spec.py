@@ -198,9 +198,7 @@ class SpeculativeGenerator:
             return out, False
 
         with self._phase("prefill", stats):
-            visible = torch.ones(1, length, length, dtype=torch.bool, device=prompt.device).tril()
-            positions = torch.arange(length, device=prompt.device).unsqueeze(0)
-            logits, tapped = target.forward(prompt, positions, cache, 0, visible, taps)
+            logits, tapped = target.prefill(prompt, cache, taps)
             anchor = logits[:, -1].argmax(-1)
             if drafter is not None:
                 drafter.start(tapped, cache.capacity)

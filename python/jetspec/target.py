@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from .attention import TreeBatch, tree_attention
 from .cache import KVCache
+from .heads.config import attention_shape
 
 
 class Target:
@@ -30,8 +31,7 @@ class Target:
         self.hidden_size: int = cfg.hidden_size
         self.vocab_size: int = cfg.vocab_size
         self.num_heads: int = cfg.num_attention_heads
-        self.kv_heads: int = getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
-        self.head_dim: int = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.kv_heads, self.head_dim = attention_shape(cfg)
         self.max_positions: int | None = getattr(cfg, "max_position_embeddings", None)
         layer_types = getattr(cfg, "layer_types", None) or []
         if getattr(cfg, "use_sliding_window", False) or any(t != "full_attention" for t in layer_types):
@@ -55,6 +55,13 @@ class Target:
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         return KVCache(self.num_layers, batch, capacity, self.kv_heads, self.head_dim, self.dtype, self.device)
+
+    def prefill(self, tokens: Tensor, cache: KVCache, tap_layers: Sequence[int] = ()) -> tuple[Tensor, Tensor]:
+        """:meth:`forward` over whole sequences ``[B, n]`` from slot 0: causal, at positions 0..n-1."""
+        batch, n = tokens.shape
+        visible = torch.ones(batch, n, n, dtype=torch.bool, device=tokens.device).tril()
+        positions = torch.arange(n, device=tokens.device).expand(batch, -1)
+        return self.forward(tokens, positions, cache, 0, visible, tap_layers)
 
     @torch.no_grad()
     def forward(self, tokens: Tensor, positions: Tensor, cache: KVCache, start: int, visible: Tensor,

@@ -185,9 +185,8 @@ class HeadTrainer:
             raise ValueError("jetspec: a training sequence needs a response of at least 2 tokens")
         positions = torch.arange(length, device=device)[None]
         with torch.no_grad():
-            teacher_logits, tapped = self.target.forward(
-                tokens, positions, self.target.new_cache(1, length), 0,
-                torch.ones(1, length, length, dtype=torch.bool, device=device).tril(), spec.target_layer_ids)
+            teacher_logits, tapped = self.target.prefill(tokens, self.target.new_cache(1, length),
+                                                         spec.target_layer_ids)
         anchor_t = torch.tensor(list(anchors), device=device)
         offsets = torch.arange(spec.block_size, device=device)
         block_pos = (anchor_t[:, None] + offsets[None]).flatten()[None]  # [1, n * B]

@@ -17,6 +17,13 @@ from transformers import Qwen3Config
 ARCHITECTURE = "DFlashDraftModel"
 
 
+def attention_shape(config) -> tuple[int, int]:
+    """``(kv_heads, head_dim)`` of an HF config, with the usual defaults when a key is absent."""
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return kv_heads, getattr(config, "head_dim", None) or config.hidden_size // heads
+
+
 def build_target_layer_ids(num_target_layers: int, num_draft_layers: int) -> list[int]:
     """The published default tap layers: evenly spaced over [1, L - 3] (one draft layer: the middle)."""
     if num_draft_layers == 1:
@@ -72,13 +79,13 @@ class HeadSpec:
             fail(f"sliding-window head layers are not supported (layer_types={layer_types})")
         if getattr(config, "attention_bias", False):
             fail("attention biases are not supported (published heads have none)")
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        kv_heads, head_dim = attention_shape(config)
         causal = extra.get("causal_head", extra.get("causal", False))
         return HeadSpec(
             hidden_size=config.hidden_size,
             num_layers=layers,
             num_heads=config.num_attention_heads,
-            kv_heads=config.num_key_value_heads,
+            kv_heads=kv_heads,
             head_dim=head_dim,
             block_size=block_size,
             causal=bool(causal),
@@ -93,14 +100,14 @@ def head_config_for(target_config, *, num_layers: int, block_size: int, causal: 
     """A head config mirroring the target's attention geometry, as published heads do."""
     t = target_config
     ids = target_layer_ids or build_target_layer_ids(t.num_hidden_layers, num_layers)
-    head_dim = getattr(t, "head_dim", None) or t.hidden_size // t.num_attention_heads
+    kv_heads, head_dim = attention_shape(t)
     config = Qwen3Config(
         vocab_size=t.vocab_size,
         hidden_size=t.hidden_size,
         intermediate_size=intermediate_size or t.intermediate_size,
         num_hidden_layers=num_layers,
         num_attention_heads=t.num_attention_heads,
-        num_key_value_heads=getattr(t, "num_key_value_heads", None) or t.num_attention_heads,
+        num_key_value_heads=kv_heads,
         head_dim=head_dim,
         hidden_act=getattr(t, "hidden_act", "silu"),
         max_position_embeddings=t.max_position_embeddings,
