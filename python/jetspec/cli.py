@@ -11,31 +11,20 @@ DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16
 
 def _generate(args: argparse.Namespace) -> int:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from jetspec import SpeculativeGenerator, load_head
 
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.dtype == "auto":
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    else:
-        dtype = getattr(torch, DTYPES[args.dtype])
     if args.budget > 1 and args.head is None:
         raise SystemExit("jetspec generate: --head is required for --budget > 1 (use --budget 1 for plain decoding)")
-    model_dir = _model_dir(args.model)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    model, tokenizer = _load_target(args)
+    device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
     head = load_head(args.head, dtype=dtype, device=device) if args.budget > 1 else None
     generator = SpeculativeGenerator(model, head, budget=args.budget, width=args.width, depth=args.depth,
                                      profile=args.profile)
 
-    if args.chat_template and tokenizer.chat_template:
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True,
-                                            return_tensors="pt", return_dict=True)["input_ids"]
-    else:
-        ids = tokenizer(args.prompt, return_tensors="pt")["input_ids"]
+    ids = torch.tensor([_encode(tokenizer, args.prompt, args.chat_template)], device=device)
     eos = args.eos_token_id if args.eos_token_id is not None else tokenizer.eos_token_id
-    stream = generator.stream(ids.to(device), max_new_tokens=args.max_new_tokens, eos_token_id=eos)
+    stream = generator.stream(ids, max_new_tokens=args.max_new_tokens, eos_token_id=eos)
     shown = ""
     for _ in stream:
         text = tokenizer.decode(stream.tokens, skip_special_tokens=True)
@@ -52,31 +41,18 @@ def _train_head(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from jetspec.datasets import load_sharegpt_prompts, split_sharegpt
     from jetspec.heads import DraftHead, head_config_for
     from jetspec.train import (HeadTrainer, TrainConfig, evaluate_acceptance, load_sequences, save_sequences,
                                self_distill)
 
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype != "auto" else (
-        torch.bfloat16 if device.type == "cuda" else torch.float32)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    model_dir = _model_dir(args.model)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    model, tokenizer = _load_target(args)
     eos = tokenizer.eos_token_id
 
     def encode(text: str) -> list[int]:
-        if tokenizer.chat_template:
-            ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                                return_dict=True)["input_ids"]
-        else:
-            ids = tokenizer(text)["input_ids"]
-        return list(ids)[-args.max_prompt_tokens:]
+        return _encode(tokenizer, text, chat=True)[-args.max_prompt_tokens:]
 
     # Held-out prompts are split off by a stable hash of their id: never trained on, whatever --num-prompts.
     train_prompts, held_out = split_sharegpt(load_sharegpt_prompts(dedupe=True), args.held_out, seed=0)
@@ -117,13 +93,30 @@ def _train_head(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model_dir(model: str | None) -> str:
-    """The given model folder, or the default target (SmolLM2-135M-Instruct, built on first use)."""
-    if model is not None:
-        return model
-    from jetspec.default_model import default_model_dir
+def _load_target(args: argparse.Namespace):
+    """``(model, tokenizer)`` from ``--model`` (default: SmolLM2-135M-Instruct, built on first use),
+    ``--device`` and ``--dtype`` (auto: bf16 on CUDA, fp32 on the CPU)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    return str(default_model_dir())
+    folder = args.model
+    if folder is None:
+        from jetspec.default_model import default_model_dir
+
+        folder = str(default_model_dir())
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, DTYPES[args.dtype]) if args.dtype != "auto" else (
+        torch.bfloat16 if device.type == "cuda" else torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval(), tokenizer
+
+
+def _encode(tokenizer, text: str, chat: bool) -> list[int]:
+    """Token ids of ``text`` as a user turn of the tokenizer's chat template (raw text without one)."""
+    if chat and tokenizer.chat_template:
+        return list(tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
+                                                  return_dict=True)["input_ids"])
+    return list(tokenizer(text)["input_ids"])
 
 
 def _mask_token_id(tokenizer, vocab_size: int) -> int:
