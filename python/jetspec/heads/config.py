@@ -112,7 +112,7 @@ def head_config_for(target_config, *, num_layers: int, block_size: int, causal: 
         hidden_act=getattr(t, "hidden_act", "silu"),
         max_position_embeddings=t.max_position_embeddings,
         rms_norm_eps=t.rms_norm_eps,
-        rope_theta=_rope_theta(t),
+        rope_theta=rope_theta_of(t),
         tie_word_embeddings=False,
         attention_bias=False,
     )
@@ -130,7 +130,8 @@ def head_config_for(target_config, *, num_layers: int, block_size: int, causal: 
     return config
 
 
-def _rope_theta(config) -> float:
+def rope_theta_of(config) -> float:
+    """RoPE base of an HF config: transformers 5 keeps it in ``rope_parameters``, 4.x in ``rope_theta``."""
     params = getattr(config, "rope_parameters", None)
     if isinstance(params, dict) and "rope_theta" in params:
         return params["rope_theta"]
