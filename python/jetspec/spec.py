@@ -66,6 +66,21 @@ class GenerationOutput:
     stats: GenerationStats
 
 
+def stop_tokens(model: nn.Module, eos_token_id) -> set[int]:
+    """The ids generation stops after: ``eos_token_id`` as given (an id, ids, a tensor; [] for none),
+    or, when it is None, the model's ``generation_config.eos_token_id`` (as HF ``generate`` does)."""
+    if eos_token_id is None:
+        eos_token_id = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if eos_token_id is None:
+        return set()
+    if isinstance(eos_token_id, Tensor):
+        eos_token_id = eos_token_id.flatten().tolist()
+    ids = [eos_token_id] if isinstance(eos_token_id, numbers.Integral) else list(eos_token_id)
+    if not all(isinstance(i, numbers.Integral) for i in ids):
+        raise ValueError(f"jetspec: eos_token_id must be a token id or a list of ids, got {eos_token_id!r}")
+    return {int(i) for i in ids}
+
+
 class TokenStream:
     """Iterates over the tokens each round commits; ``stats`` and ``tokens`` fill in as it runs."""
 
@@ -138,7 +153,7 @@ class SpeculativeGenerator:
         prompt = self._prompt(input_ids)
         if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise ValueError(f"jetspec: max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-        eos = self._eos_ids(eos_token_id)
+        eos = stop_tokens(self.target.model, eos_token_id)
         # Positions used: the prompt's, then n + depth for a round that starts with n committed tokens in
         # the cache, where n <= prompt + max_new_tokens - 2 (a round runs only while a token is still owed).
         limit = self.target.max_positions
@@ -150,20 +165,6 @@ class SpeculativeGenerator:
         return TokenStream(self._run(prompt, max_new_tokens, eos, stats), stats)
 
     # -- the loop ------------------------------------------------------------------------------
-
-    def _eos_ids(self, eos_token_id) -> set[int]:
-        """The stop tokens: as given (an id or ids; [] for none), else the model's generation config's."""
-        if eos_token_id is None:
-            config = getattr(self.target.model, "generation_config", None)
-            eos_token_id = getattr(config, "eos_token_id", None)
-        if eos_token_id is None:
-            return set()
-        if isinstance(eos_token_id, Tensor):
-            eos_token_id = eos_token_id.flatten().tolist()
-        ids = [eos_token_id] if isinstance(eos_token_id, numbers.Integral) else list(eos_token_id)
-        if not all(isinstance(i, numbers.Integral) for i in ids):
-            raise ValueError(f"jetspec: eos_token_id must be a token id or a list of ids, got {eos_token_id!r}")
-        return {int(i) for i in ids}
 
     def _prompt(self, input_ids: Tensor) -> Tensor:
         if not isinstance(input_ids, Tensor) or input_ids.dtype != torch.long:

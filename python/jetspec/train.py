@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .heads import DraftHead, load_head, save_head
+from .spec import SpeculativeGenerator, stop_tokens
 from .target import Target
 
 
@@ -71,8 +72,10 @@ class TrainConfig:
 def self_distill(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, batch_size: int = 16,
                  eos_token_id: int | Sequence[int] | None = None, pad_token_id: int = 0,
                  progress: bool = True) -> list[TrainingSequence]:
-    """The target's greedy responses to ``prompts`` (token ids), batched with left padding."""
+    """The target's greedy responses to ``prompts`` (token ids), batched with left padding, each cut after
+    its first stop token (``eos_token_id`` as for :meth:`SpeculativeGenerator.generate`)."""
     device = model.lm_head.weight.device
+    eos = stop_tokens(model, eos_token_id)
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a batch
     results: dict[int, TrainingSequence] = {}
     for start in tqdm(range(0, len(order), batch_size), desc="self-distillation", disable=not progress):
@@ -84,9 +87,8 @@ def self_distill(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_
             ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
             attention[row, width - len(prompts[i]):] = 1
         generated = model.generate(ids.to(device), attention_mask=attention.to(device), do_sample=False,
-                                   max_new_tokens=max_new_tokens, eos_token_id=eos_token_id,
+                                   max_new_tokens=max_new_tokens, eos_token_id=sorted(eos) or None,
                                    pad_token_id=pad_token_id)[:, width:].tolist()
-        eos = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
         for row, i in enumerate(idx):
             response = []
             for token in generated[row]:
@@ -100,8 +102,6 @@ def self_distill(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_
 def evaluate_acceptance(model: nn.Module, head: DraftHead, prompts: Sequence[Sequence[int]], *, budget: int = 64,
                         width: int = 8, max_new_tokens: int = 64, eos_token_id=None) -> dict:
     """Mean acceptance length (tokens committed per round) of ``head`` over ``prompts``."""
-    from .spec import SpeculativeGenerator
-
     gen = SpeculativeGenerator(model, head, budget=budget, width=width)
     lengths: list[int] = []
     device = model.lm_head.weight.device
