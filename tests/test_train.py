@@ -96,6 +96,21 @@ def test_packed_training_forward_is_the_inference_forward(model, sequences, caus
     assert metrics.blocks == 3 and len(metrics.accuracy) == spec.depth
 
 
+@pytest.mark.parametrize("loss", ["kl", "ce"])
+def test_a_batch_is_its_sequences_pooled(model, sequences, loss):
+    """One right-padded batch = each sequence alone, pooled over their valid slots: padding and the
+    other sequences' blocks are invisible, and a sequence with fewer anchors adds no weight for its repeats."""
+    trainer = HeadTrainer(model, new_head(model, seed=4), TrainConfig(loss=loss))
+    anchors = [[5, 7, 20], [9, 30], [14, 15, 16, 36]]  # 36: near the end, fewer than D labels
+    alone = [trainer.sequence_loss(s, a) for s, a in zip(sequences, anchors)]
+    pooled, metrics = trainer.batch_loss(sequences, anchors)
+    depth = trainer.head.spec.depth
+    slots = [sum(min(depth, len(s.tokens) - 1 - a) for a in anc) for s, anc in zip(sequences, anchors)]
+    expected = sum(float(loss.detach()) * n for (loss, _), n in zip(alone, slots)) / sum(slots)
+    assert float(pooled.detach()) == pytest.approx(expected, rel=1e-5)
+    assert metrics.blocks == 9
+
+
 @pytest.mark.parametrize("loss,weighting", [("kl", "uniform"), ("ce", "uniform"), ("kl", "exp")])
 def test_training_reduces_the_loss_and_raises_acceptance(model, sequences, loss, weighting):
     head = new_head(model, seed=1)
@@ -115,8 +130,9 @@ def test_training_reduces_the_loss_and_raises_acceptance(model, sequences, loss,
     assert tau_after > tau_before + 0.5  # memorised continuations are accepted
 
 
-def test_resume_continues_exactly(model, sequences, tmp_path):
-    cfg = TrainConfig(anchors=8, lr=2e-3)
+@pytest.mark.parametrize("per_step", [1, 2])
+def test_resume_continues_exactly(model, sequences, tmp_path, per_step):
+    cfg = TrainConfig(anchors=8, lr=2e-3, sequences_per_step=per_step)
     straight = HeadTrainer(model, new_head(model, seed=2), cfg)
     straight.train(sequences, steps=6, progress=False)
 

@@ -69,7 +69,7 @@ def _train_head(args: argparse.Namespace) -> int:
     print(f"[jetspec] {len(sequences)} self-distilled sequences in {data_file}", file=sys.stderr)
 
     config = TrainConfig(loss=args.loss, weighting=args.weighting, gamma=args.gamma, anchors=args.anchors,
-                         lr=args.lr, seed=args.seed)
+                         sequences_per_step=args.sequences_per_step, lr=args.lr, seed=args.seed)
     head = DraftHead(head_config_for(model.config, num_layers=args.layers, block_size=args.block_size,
                                      causal=not args.bidirectional,
                                      mask_token_id=_mask_token_id(tokenizer, model.config.vocab_size)))
@@ -201,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     train.add_argument("--weighting", choices=["uniform", "exp"], default="uniform")
     train.add_argument("--gamma", type=float, default=7.0, help="decay length of --weighting exp")
     train.add_argument("--anchors", type=int, default=64, help="blocks per sequence per step")
+    train.add_argument("--sequences-per-step", type=int, default=1, help="sequences per optimizer step (one batch)")
     train.add_argument("--steps", type=int, default=2000, help="optimizer steps in all (one sequence each)")
     train.add_argument("--until", type=int, default=None, help="stop after this step (resume later with --resume)")
     train.add_argument("--resume", action="store_true", help="continue from OUT/trainer if present")

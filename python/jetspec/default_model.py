@@ -138,6 +138,19 @@ def _check_tokenizer(tokenizer, where: str) -> None:
         raise RuntimeError(f"the tokenizer {where} is wrong: {'; '.join(problems)}")
 
 
+def _special_token_ids(gguf: Path) -> dict[str, int]:
+    """``{"bos": id, "eos": id, "pad": id}`` as the GGUF file's metadata records them."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(gguf).fields
+    ids = {}
+    for role in ("bos", "eos", "pad"):
+        field = fields.get(f"tokenizer.ggml.{role}_token_id")
+        if field is not None:
+            ids[role] = int(field.parts[field.data[0]][0])
+    return ids
+
+
 def _patch_json(path: Path, **updates) -> None:
     data = json.loads(path.read_text())
     data.update(updates)
@@ -150,6 +163,11 @@ def _convert(gguf: Path, out: Path) -> None:
     t0 = time.perf_counter()
     _log("loading the tokenizer from the GGUF file")
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    special = _special_token_ids(gguf)
+    # Some transformers versions (5.17) map the GGUF's special tokens wrongly (eos -> <|im_start|>): the
+    # ids written in the GGUF's own metadata are the truth.
+    for role, token_id in special.items():
+        setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(token_id))
     _check_tokenizer(tokenizer, "transformers built from the GGUF file")
     _log("loading and dequantizing the GGUF weights (the slow step, ~30 s)")
     quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -162,6 +180,9 @@ def _convert(gguf: Path, out: Path) -> None:
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(quantized.state_dict(), strict=True)
     plain.generation_config = quantized.generation_config
+    for cfg in (plain.config, plain.generation_config):
+        for role, token_id in special.items():
+            setattr(cfg, f"{role}_token_id", token_id)
     _log(f"writing fp32 safetensors + tokenizer to {out}")
     plain.save_pretrained(out)
     tokenizer.save_pretrained(out)

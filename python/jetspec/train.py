@@ -51,6 +51,7 @@ class TrainConfig:
     weighting: Literal["uniform", "exp"] = "uniform"
     gamma: float = 7.0  # decay length of the "exp" weighting, in depths
     anchors: int = 64  # blocks drawn per sequence per step
+    sequences_per_step: int = 1
     lr: float = 6e-4
     weight_decay: float = 0.0
     warmup: float = 0.04  # fraction of the steps
@@ -62,8 +63,10 @@ class TrainConfig:
             raise ValueError(f"jetspec: loss must be 'kl' or 'ce', got {self.loss!r}")
         if self.weighting not in ("uniform", "exp"):
             raise ValueError(f"jetspec: weighting must be 'uniform' or 'exp', got {self.weighting!r}")
-        if self.temperature <= 0 or self.gamma <= 0 or self.anchors < 1 or self.lr <= 0:
-            raise ValueError("jetspec: temperature, gamma and lr must be positive and anchors at least 1")
+        if self.temperature <= 0 or self.gamma <= 0 or self.anchors < 1 or self.lr <= 0 \
+                or self.sequences_per_step < 1:
+            raise ValueError("jetspec: temperature, gamma and lr must be positive, anchors and sequences_per_step "
+                             "at least 1")
         if not 0 <= self.warmup < 1:
             raise ValueError(f"jetspec: warmup is a fraction of the steps in [0, 1), got {self.warmup}")
 
@@ -169,52 +172,71 @@ class HeadTrainer:
         self.optimizer = torch.optim.AdamW(self.head.parameters(), lr=self.config.lr, betas=(0.9, 0.95),
                                            weight_decay=self.config.weight_decay)
         self.state = TrainState()
+        self._shuffle: tuple[tuple[int, int] | None, list[int]] = (None, [])  # (epoch, n), that epoch's order
 
-    # -- one sequence -------------------------------------------------------------------------
+    # -- one step's batch ---------------------------------------------------------------------
 
     def sequence_loss(self, sequence: TrainingSequence, anchors: Sequence[int] | None = None) -> tuple[Tensor, StepMetrics]:
-        """Loss of the head on blocks anchored in ``sequence``'s response (random anchors by default)."""
+        """:meth:`batch_loss` of one sequence."""
+        return self.batch_loss([sequence], None if anchors is None else [anchors])
+
+    def batch_loss(self, sequences: Sequence[TrainingSequence],
+                   anchors: Sequence[Sequence[int]] | None = None) -> tuple[Tensor, StepMetrics]:
+        """Loss of the head on blocks anchored in the sequences' responses (random anchors by default).
+
+        The sequences run as one right-padded batch: one teacher forward, one packed head forward
+        whose per-sequence block-sparse mask never lets a block see padding or another block."""
         spec, cfg, device = self.head.spec, self.config, self.target.device
-        tokens = torch.tensor(sequence.tokens, device=device)[None]
-        length = tokens.shape[1]
         if anchors is None:  # seeded by the step, so that a resumed run draws what an unbroken one would
-            candidates = range(sequence.prompt_len, length - 1)  # every anchor has at least one label
             rng = random.Random(cfg.seed * 1_000_003 + self.state.step)
-            anchors = sorted(rng.sample(candidates, min(cfg.anchors, len(candidates))))
-        if not anchors:
+            anchors = []
+            for seq in sequences:
+                candidates = range(seq.prompt_len, len(seq.tokens) - 1)  # every anchor has at least one label
+                anchors.append(sorted(rng.sample(candidates, min(cfg.anchors, len(candidates)))))
+        if any(not a for a in anchors):
             raise ValueError("jetspec: a training sequence needs a response of at least 2 tokens")
-        positions = torch.arange(length, device=device)[None]
-        with torch.no_grad():
-            teacher_logits, tapped = self.target.prefill(tokens, self.target.new_cache(1, length),
+        batch, width = len(sequences), max(len(s.tokens) for s in sequences)
+        blocks = max(len(a) for a in anchors)
+        lengths = torch.tensor([len(s.tokens) for s in sequences], device=device)
+        tokens = torch.zeros(batch, width, dtype=torch.long, device=device)
+        for b, seq in enumerate(sequences):
+            tokens[b, :len(seq.tokens)] = torch.tensor(seq.tokens, device=device)
+        # Sequences with fewer anchors repeat their last one; the repeats get no weight.
+        real = torch.tensor([[j < len(a) for j in range(blocks)] for a in anchors], device=device)
+        anchor_t = torch.tensor([list(a) + [a[-1]] * (blocks - len(a)) for a in anchors], device=device)
+        positions = torch.arange(width, device=device).expand(batch, -1)
+        with torch.no_grad():  # right padding is never seen by real tokens under the causal mask
+            teacher_logits, tapped = self.target.prefill(tokens, self.target.new_cache(batch, width),
                                                          spec.target_layer_ids)
-        anchor_t = torch.tensor(list(anchors), device=device)
         offsets = torch.arange(spec.block_size, device=device)
-        block_pos = (anchor_t[:, None] + offsets[None]).flatten()[None]  # [1, n * B]
+        block_pos = (anchor_t[:, :, None] + offsets).flatten(1)  # [batch, blocks * B]
         block_ids = torch.full_like(block_pos, spec.mask_token_id)
-        block_ids.view(len(anchors), -1)[:, 0] = tokens[0, anchor_t]
+        block_ids.view(batch, blocks, -1)[:, :, 0] = tokens.gather(1, anchor_t)
+        mask = torch.stack([block_mask(a.tolist(), width, spec.block_size, spec.causal, device)
+                            for a in anchor_t]).unsqueeze(1)  # [batch, 1, rows, width + rows]
 
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             context = self.head.context_key_values(tapped.float(), positions)
-            hidden = self.head(self.target.embed_tokens(block_ids).float(), block_pos, context,
-                               block_mask(anchors, length, spec.block_size, spec.causal, device))
-            preds = hidden.view(len(anchors), spec.block_size, -1)[:, 1:]  # slots 1..D
-            logits = self.target.lm_head(preds).float()  # [n, D, V]
-        target_pos = anchor_t[:, None] + offsets[None, 1:]  # token a + d
-        valid = target_pos < length
-        target_pos = target_pos.clamp(max=length - 1)
-        labels = tokens[0, target_pos]
+            hidden = self.head(self.target.embed_tokens(block_ids).float(), block_pos, context, mask)
+            preds = hidden.view(batch, blocks, spec.block_size, -1)[:, :, 1:]  # slots 1..D
+            logits = self.target.lm_head(preds).float()  # [batch, blocks, D, V]
+        target_pos = anchor_t[:, :, None] + offsets[1:]  # token a + d
+        valid = (target_pos < lengths[:, None, None]) & real[:, :, None]
+        target_pos = torch.minimum(target_pos, lengths[:, None, None] - 1)
+        labels = tokens.gather(1, target_pos.flatten(1)).view_as(target_pos)
         if cfg.loss == "ce":
-            per_slot = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="none").view_as(labels)
+            per_slot = F.cross_entropy(logits.flatten(0, 2), labels.flatten(), reduction="none").view_as(labels)
         else:
             t = cfg.temperature
-            teacher = torch.log_softmax(teacher_logits[0, target_pos - 1].float() / t, dim=-1)
+            rows = teacher_logits.gather(1, (target_pos - 1).flatten(1)[..., None].expand(-1, -1, logits.shape[-1]))
+            teacher = torch.log_softmax(rows.view_as(logits).float() / t, dim=-1)
             student = torch.log_softmax(logits / t, dim=-1)
             per_slot = (teacher.exp() * (teacher - student)).sum(-1) * t * t
-        weights = self.depth_weights[None, :] * valid
+        weights = self.depth_weights * valid
         loss = (per_slot * weights).sum() / weights.sum()
         correct = (logits.argmax(-1) == labels) & valid
-        accuracy = (correct.sum(0) / valid.sum(0).clamp(min=1)).tolist()
-        return loss, StepMetrics(loss=float(loss.detach()), accuracy=accuracy, blocks=len(anchors))
+        accuracy = (correct.sum((0, 1)) / valid.sum((0, 1)).clamp(min=1)).tolist()
+        return loss, StepMetrics(loss=float(loss.detach()), accuracy=accuracy, blocks=int(real.sum()))
 
     # -- the loop -----------------------------------------------------------------------------
 
@@ -222,7 +244,7 @@ class HeadTrainer:
               checkpoint_dir: str | Path | None = None, checkpoint_every: int = 0,
               evaluate: Callable[[DraftHead], dict] | None = None, eval_every: int = 0,
               progress: bool = True) -> list[dict]:
-        """Train for ``steps`` steps in all, one sequence per step in a seeded shuffled order.
+        """Train for ``steps`` steps in all, ``sequences_per_step`` sequences per step in a seeded shuffled order.
 
         A run can be split (e.g. across processes with a time limit): ``until`` stops after that step,
         and a trainer resuming from the checkpoint (:meth:`resume`) continues exactly where it stopped (the
@@ -232,15 +254,12 @@ class HeadTrainer:
             raise ValueError("jetspec: no training sequences")
         schedule = _warmup_cosine(steps, self.config.warmup)
         stop = steps if until is None else min(until, steps)
-        order = self._order(len(sequences))
         bar = tqdm(total=stop, initial=self.state.step, desc="train-head", disable=not progress)
         while self.state.step < stop:
-            if not order:
-                order = self._order(len(sequences))
             lr = self.config.lr * schedule(self.state.step)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            loss, metrics = self.sequence_loss(sequences[order.pop()])
+            loss, metrics = self.batch_loss(self._step_sequences(sequences))
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = float(nn.utils.clip_grad_norm_(self.head.parameters(), self.config.grad_clip))
@@ -260,12 +279,18 @@ class HeadTrainer:
             self.save(checkpoint_dir)
         return self.state.history
 
-    def _order(self, n: int) -> list[int]:
-        """The rest of the current epoch's seeded shuffle of ``n`` sequences, as a stack."""
-        epoch, done = divmod(self.state.step, n)
-        order = list(range(n))
-        random.Random(self.config.seed * 1_000_003 + epoch).shuffle(order)
-        return order[:n - done]
+    def _step_sequences(self, sequences: Sequence[TrainingSequence]) -> list[TrainingSequence]:
+        """This step's sequences: draws ``step * k .. step * k + k - 1`` of a seeded shuffle per epoch."""
+        n, k = len(sequences), self.config.sequences_per_step
+        picked = []
+        for draw in range(self.state.step * k, (self.state.step + 1) * k):
+            epoch, index = divmod(draw, n)
+            if self._shuffle[0] != (epoch, n):
+                order = list(range(n))
+                random.Random(self.config.seed * 1_000_003 + epoch).shuffle(order)
+                self._shuffle = ((epoch, n), order)
+            picked.append(sequences[self._shuffle[1][index]])
+        return picked
 
     def inference_head(self) -> DraftHead:
         """A copy of the head in the target's dtype, in eval mode, for evaluation or saving."""
