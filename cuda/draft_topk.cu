@@ -341,7 +341,8 @@ __device__ __forceinline__ void select_tile(const Problem& p, float (&acc)[MT][2
       const uint64_t cand = lane < n ? s.cands[row * kCandidates + lane] : 0;
       uint64_t* list = s.lists + row * kListSize;
       list[lane] = warp_merge(list[lane], warp_sort(cand));
-      if (lane == 0) s.counts[row] = 0;  // every lane read it before the shuffles above
+      __syncwarp();  // every lane has read the count
+      if (lane == 0) s.counts[row] = 0;
     }
   } while (__syncthreads_or(pending != 0));
 }
@@ -530,6 +531,9 @@ cudaError_t plan(const DraftTopkArgs& a, int64_t rows, Launch* out) {
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   if (err == cudaSuccess)
     err = cudaFuncSetAttribute(out->kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, out->smem);
+  // All of L1 as shared memory (the weight bypasses L1): two CTAs' rings per SM.
+  if (err == cudaSuccess)
+    err = cudaFuncSetAttribute(out->kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
   if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, out->kernel, kThreads, out->smem);
   if (err != cudaSuccess) return err;
   if (per_sm < 1) return cudaErrorInvalidConfiguration;
