@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
-from . import bench_e2e, bench_kv_compact
+from . import bench_draft_topk, bench_e2e, bench_kv_compact
 from .harness import Ceilings, Timer, device_info, print_table, write_results
 
-BENCHMARKS = {"e2e": bench_e2e, "kv_compact": bench_kv_compact}
+BENCHMARKS = {"draft_topk": bench_draft_topk, "e2e": bench_e2e, "kv_compact": bench_kv_compact}
 
 
 def main() -> None:

@@ -20,6 +20,9 @@ __all__ = ["kv_compact", "accept_greedy", "draft_topk"]
 
 _warned: set[tuple[str, str]] = set()
 
+#: The widest ``k`` the CUDA kernel of ``draft_topk`` keeps (``kDraftTopkMaxK`` in ``cuda/draft_topk.cuh``).
+DRAFT_TOPK_CUDA_MAX_K = 32
+
 
 def use_kernel(op: str, device: torch.device) -> bool:
     """Whether the build has ``op``'s kernel for ``device``; warns once per (op, device) when it has not."""
@@ -80,8 +83,9 @@ def accept_greedy(
 def draft_topk(hidden: Tensor, weight: Tensor, k: int, temperature: float = 1.0) -> tuple[Tensor, Tensor]:
     """Top-``k`` log-probs of the LM head over ``hidden`` (logits accumulated in float32).
 
-    Without a compiled kernel for the device this runs :func:`jetspec.reference.draft_topk`, which
-    converts ``weight`` to float32 on every call.
+    Without a compiled kernel for the device, or on CUDA with ``k`` above the kernel's
+    :data:`DRAFT_TOPK_CUDA_MAX_K`, this runs :func:`jetspec.reference.draft_topk`, which converts
+    ``weight`` to float32 on every call.
 
     Args:
         hidden: ``[B, D, H]`` final hidden states of the D predicted depths.
@@ -92,7 +96,7 @@ def draft_topk(hidden: Tensor, weight: Tensor, k: int, temperature: float = 1.0)
     Returns:
         ``(logprobs [B, D, k] float32 descending, ids [B, D, k] int64)``; equal values rank by lower id.
     """
-    if not use_kernel("draft_topk", hidden.device):
+    if (hidden.device.type == "cuda" and k > DRAFT_TOPK_CUDA_MAX_K) or not use_kernel("draft_topk", hidden.device):
         return reference.draft_topk(hidden, weight, k, temperature)
     batch, depth, _ = hidden.shape
     logprobs = hidden.new_empty((batch, depth, k), dtype=torch.float32)
