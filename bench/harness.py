@@ -79,6 +79,7 @@ class Ceilings:
 
     copy_gbps: float  # device-to-device copy, bytes read + bytes written
     empty_kernel_ms: float  # one empty kernel, replayed from a graph
+    bf16_tflops: float  # a large bf16 matmul (cuBLAS): the tensor-core peak a kernel can be held to
 
     @staticmethod
     def measure(timer: Timer) -> "Ceilings":
@@ -88,10 +89,16 @@ class Ceilings:
         src = torch.randn(n, device=timer.device)
         dst = torch.empty_like(src)
         copy_ms = timer.eager_ms(lambda: dst.copy_(src), reps=3)
-        return Ceilings(copy_gbps=2 * 4 * n / copy_ms / 1e6, empty_kernel_ms=timer.graph_ms(_empty_kernel()))
+        del src, dst
+        m = 8192
+        a, b = (torch.randn(m, m, device=timer.device, dtype=torch.bfloat16) for _ in range(2))
+        c = torch.empty_like(a)
+        mm_ms = timer.graph_ms(lambda: torch.mm(a, b, out=c), reps=10)
+        return Ceilings(copy_gbps=2 * 4 * n / copy_ms / 1e6, empty_kernel_ms=timer.graph_ms(_empty_kernel()),
+                        bf16_tflops=2 * m**3 / mm_ms / 1e9)
 
     def as_dict(self) -> dict:
-        return {"copy_gbps": self.copy_gbps, "empty_kernel_ms": self.empty_kernel_ms}
+        return {"copy_gbps": self.copy_gbps, "empty_kernel_ms": self.empty_kernel_ms, "bf16_tflops": self.bf16_tflops}
 
 
 def _empty_kernel() -> Callable[[], object]:

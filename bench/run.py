@@ -11,10 +11,11 @@ from pathlib import Path
 
 import torch
 
-from . import bench_draft_topk, bench_e2e, bench_kv_compact
+from . import bench_draft_topk, bench_e2e, bench_kv_compact, bench_tree_attention
 from .harness import Ceilings, Timer, device_info, print_table, write_results
 
-BENCHMARKS = {"draft_topk": bench_draft_topk, "e2e": bench_e2e, "kv_compact": bench_kv_compact}
+BENCHMARKS = {"draft_topk": bench_draft_topk, "e2e": bench_e2e, "kv_compact": bench_kv_compact,
+              "tree_attention": bench_tree_attention}
 
 
 def main() -> None:
@@ -28,7 +29,8 @@ def main() -> None:
     timer = Timer(device)
     ceil = Ceilings.measure(timer)
     info = device_info(device)
-    print(f"device: {info}\nceilings: copy {ceil.copy_gbps:.0f} GB/s, empty kernel {ceil.empty_kernel_ms * 1e3:.2f} us")
+    print(f"device: {info}\nceilings: copy {ceil.copy_gbps:.0f} GB/s, empty kernel {ceil.empty_kernel_ms * 1e3:.2f} us, "
+          f"bf16 matmul {ceil.bf16_tflops:.0f} TFLOP/s")
     for name in args.only or sorted(BENCHMARKS):
         module = BENCHMARKS[name]
         rows = module.run(timer, ceil)

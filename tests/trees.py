@@ -25,3 +25,38 @@ def random_path(m: int, span: int, g: torch.Generator) -> torch.Tensor:
         return torch.zeros(0, dtype=torch.long)
     rest = torch.randperm(span - 1, generator=g)[: m - 1] + 1
     return torch.cat([torch.zeros(1, dtype=torch.long), rest.sort().values])
+
+
+def random_deep_parents(n: int, g: torch.Generator, max_depth: int = 32, chain: float = 0.7) -> torch.Tensor:
+    """Like random_parents, but node i extends node i - 1 with probability ``chain``: deep, bushy trees."""
+    parents, depth = [-1], [0]
+    for i in range(1, n):
+        p = i - 1 if float(torch.rand(1, generator=g)) < chain else int(torch.randint(0, i, (1,), generator=g))
+        while depth[p] >= max_depth:
+            p = parents[p]
+        parents.append(p)
+        depth.append(depth[p] + 1)
+    return torch.tensor(parents, dtype=torch.long)
+
+
+def visible_from_parents(parents: torch.Tensor) -> torch.Tensor:
+    """``[N, N]`` bool: node i may attend node j iff j is i or one of its ancestors (walking parents)."""
+    n = parents.shape[0]
+    visible = torch.zeros(n, n, dtype=torch.bool)
+    for i in range(n):
+        j = i
+        while j >= 0:
+            visible[i, j] = True
+            j = int(parents[j])
+    return visible
+
+
+def pack_rows(visible: torch.Tensor) -> torch.Tensor:
+    """Pack a ``[..., N, N]`` bool mask as build_tree does: bit j % 32 of int32 word j // 32."""
+    n = visible.shape[-1]
+    words = (n + 31) // 32
+    padded = torch.zeros(*visible.shape[:-1], words * 32, dtype=torch.int64)
+    padded[..., :n] = visible.long()
+    weights = torch.ones(32, dtype=torch.int64) << torch.arange(32)
+    packed = (padded.view(*visible.shape[:-1], words, 32) * weights).sum(-1)
+    return (packed - ((packed >> 31) << 32)).to(torch.int32)  # the low 32 bits, as signed int32

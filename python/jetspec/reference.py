@@ -45,3 +45,26 @@ def draft_topk(hidden: Tensor, weight: Tensor, k: int, temperature: float = 1.0)
     logits = (hidden.float() @ weight.float().T) / temperature
     values, order = logits.sort(dim=-1, descending=True, stable=True)
     return values[..., :k] - logits.logsumexp(-1, keepdim=True), order[..., :k]
+
+
+def tree_attention(query: Tensor, key_cache: Tensor, value_cache: Tensor, prefix_len: Tensor, ancestors: Tensor,
+                   scale: float) -> Tensor:
+    """The contract of ``jetspec::tree_attention`` (``cpp/tree_attention.cpp``) with a dense mask, in float32.
+
+    Returns ``[B, N, Hq, d]`` float32: node ``i`` attends the first ``prefix_len[b]`` cache slots and the tree
+    slots ``prefix_len[b] + j`` for ``j <= i`` whose ancestor bit is set; a node that sees nothing gets 0."""
+    batch, nodes, q_heads, _ = query.shape
+    groups = q_heads // key_cache.shape[2]
+    shifts = torch.arange(32, device=ancestors.device, dtype=torch.int32)
+    out = query.new_zeros(query.shape, dtype=torch.float32)
+    for b, n in enumerate(prefix_len.tolist()):
+        tree = ((ancestors[b].unsqueeze(-1) >> shifts) & 1).flatten(-2)[:, :nodes].bool()
+        tree &= torch.ones(nodes, nodes, dtype=torch.bool, device=tree.device).tril()
+        visible = torch.cat([tree.new_ones(nodes, n), tree], dim=1).to(query.device)  # [N, n + N]
+        q = query[b].float().transpose(0, 1)  # [Hq, N, d]
+        k = key_cache[b, : n + nodes].float().transpose(0, 1).repeat_interleave(groups, dim=0)
+        v = value_cache[b, : n + nodes].float().transpose(0, 1).repeat_interleave(groups, dim=0)
+        scores = (q @ k.transpose(1, 2) * scale).masked_fill(~visible, float("-inf"))
+        probs = scores.softmax(-1).masked_fill(~visible.any(-1, keepdim=True), 0.0)
+        out[b] = (probs @ v).transpose(0, 1)
+    return out

@@ -1,0 +1,504 @@
+// tree_attention: the queries of N tree nodes over a committed prefix (unmasked) plus the tree's own
+// keys under its packed ancestor mask, flash-attention style.
+//
+// Rows. The q_heads / kv_heads query heads that share a kv head are packed with the nodes into one
+// row space, row = node * group + head-in-group, so a block reads each K/V tile once for every query
+// head of its kv head (GQA costs no extra K/V traffic). A block owns kRows consecutive rows of one
+// (sequence, kv head); a warp owns 16 or 32 of them (one or two m16 tiles: with two, every K/V
+// fragment read from shared memory feeds two tensor-core products, which halves the shared-memory
+// traffic per FLOP and is what makes the large tile compute-bound rather than ldmatrix-bound).
+//
+// Keys. Tiles of kKeys keys stream through a kStages-deep cp.async ring (16-byte copies, XOR-swizzled
+// 16-byte chunks so that ldmatrix reads hit 8 distinct bank groups). S = Q K^T and O += P V run on
+// mma.sync m16n8k16 with fp32 accumulators; the online softmax is in fp32 and base 2 (the scale is
+// folded into the exponent). Tiles entirely inside the prefix need no mask; the few that reach the
+// tree block test the ancestor bits, fetched as one 64-bit window per row and tile. Node order puts
+// every ancestor before its descendants, so a block's keys end right after its last node's own key.
+//
+// Splits (flash-decoding). A short tree gives few blocks (one per kv head for N = 1), so the key range
+// is cut into `splits` parts whose partial (normalised output, log-sum-exp) go to fp32 buffers and a
+// second kernel merges them. The split count is chosen on the host from shapes and the max_prefix
+// bound; each block derives its key range from the actual prefix_len on the device, so any prefix
+// length stays correct (splits that get no keys write an empty partial).
+#include "tree_attention.cuh"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstring>
+#include <type_traits>
+
+namespace jetspec::cuda {
+namespace {
+
+constexpr float kLog2e = 1.4426950408889634f;
+
+template <int kHeadDim_, int kWarps_, int kMTiles_, int kKeys_, int kStages_>
+struct Tile {
+  static constexpr int kHeadDim = kHeadDim_, kWarps = kWarps_, kMTiles = kMTiles_, kKeys = kKeys_,
+                       kStages = kStages_;
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kRows = 16 * kMTiles * kWarps;
+  static constexpr int kChunks = kHeadDim / 8;  // 16-byte chunks per row
+  static constexpr int kRowBytes = kHeadDim * 2;
+  static constexpr int kKvBytes = kKeys * kRowBytes;  // one K (or V) tile in shared memory
+  static constexpr int kSmem = kRows * kRowBytes + 2 * kStages * kKvBytes;
+  static_assert(kKeys == 32 || kKeys == 64, "the ancestor window is 64 bits");
+  static_assert((kRows * kChunks) % kThreads == 0 && (kKeys * kChunks) % kThreads == 0, "even copy split");
+  static_assert(kThreads % kChunks == 0, "a thread copies one chunk column");
+};
+
+// Block shapes, by rows (query heads per kv head x nodes): decoding (<= 16 rows) and short trees
+// (<= 64) are bound by K/V bytes, so they keep deep pipelines and waste few tensor-core rows; larger
+// trees take the compute-bound 128-row tile (two m-tiles per warp, two blocks per SM). At head_dim 128
+// its O accumulators alone take 128 registers a thread, and 64-key score tiles (64 more) spill: it
+// uses 32-key tiles and a deeper ring instead.
+enum TileKind : int { kSmall = 0, kMedium = 1, kLarge = 2 };
+template <int D> using SmallTile = Tile<D, 1, 1, 64, 3>;
+template <int D> using MediumTile = Tile<D, 4, 1, 64, 3>;
+template <int D> using LargeTile = std::conditional_t<D == 128, Tile<D, 4, 2, 32, 4>, Tile<D, 4, 2, 64, 3>>;
+
+int tile_kind(int rows) { return rows <= 16 ? kSmall : (rows <= 64 ? kMedium : kLarge); }
+int tile_rows(int kind) { return kind == kSmall ? 16 : (kind == kMedium ? 64 : 128); }
+
+struct Params {
+  TreeAttentionArgs a;
+  int group;  // query heads per kv head
+  int row_tiles, splits;
+  float* part_o;    // [splits, batch * nodes * q_heads, head_dim]
+  float* part_lse;  // [splits, batch * nodes * q_heads], base 2
+};
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// Out-of-range rows are zero-filled (src-size 0): their products stay finite and are masked or dropped.
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int kPending>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
+}
+
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+template <typename T>
+__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+        "{%0, %1, %2, %3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+// Two floats rounded to T, low half first (the element order of an mma fragment and of memory).
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  uint32_t r;
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    memcpy(&r, &v, sizeof(r));
+  } else {
+    const __half2 v = __floats2half2_rn(lo, hi);
+    memcpy(&r, &v, sizeof(r));
+  }
+  return r;
+}
+
+// Byte offset of 16-byte chunk `chunk` of row `row` in a swizzled [rows][kHeadDim] tile.
+template <typename Cfg>
+__device__ __forceinline__ uint32_t swizzle(int row, int chunk) {
+  return row * Cfg::kRowBytes + ((chunk ^ (row & 7)) << 4);
+}
+
+// Bit x set <=> key (prefix + first + x) is visible to `node`: a prefix key (first + x < 0), or tree
+// key j = first + x with j <= node and bit j of the node's ancestor row set.
+__device__ __forceinline__ uint64_t visible_bits(const int32_t* row, int words, int node, int first) {
+  auto word = [&](int w) -> uint64_t {
+    if (w < 0) return 0xffffffffull;
+    return w < words ? static_cast<uint32_t>(__ldg(row + w)) : 0ull;
+  };
+  const int q = first >> 5, r = first & 31;  // floor division: first may be negative
+  uint64_t bits = (word(q) | (word(q + 1) << 32)) >> r;
+  if (r) bits |= word(q + 2) << (64 - r);
+  const int keep = node - first + 1;  // bits [0, keep) are keys up to the node itself
+  if (keep < 64) bits &= keep <= 0 ? 0ull : ((1ull << keep) - 1);
+  return bits;
+}
+
+template <typename T, typename Cfg>
+__global__ void __launch_bounds__(Cfg::kThreads) tree_attention_kernel(const Params p) {
+  constexpr int D = Cfg::kHeadDim, kMT = Cfg::kMTiles, kKeys = Cfg::kKeys, kStages = Cfg::kStages;
+  constexpr int kKeyTiles = kKeys / 8;  // 8-key column tiles of S
+  constexpr int kDimTiles = D / 8;      // 8-dim column tiles of O
+  extern __shared__ __align__(128) unsigned char smem[];
+  const uint32_t s_q = smem_addr(smem);
+  const uint32_t s_k = s_q + Cfg::kRows * Cfg::kRowBytes;
+  const uint32_t s_v = s_k + kStages * Cfg::kKvBytes;
+
+  const TreeAttentionArgs& a = p.a;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int row_tile = blockIdx.x % p.row_tiles, split = blockIdx.x / p.row_tiles;
+  const int h = blockIdx.y, b = blockIdx.z;
+  const int rows = p.group * a.nodes;
+  const int row0 = row_tile * Cfg::kRows;
+
+  // Out-of-contract prefix lengths are clamped rather than trusted: a bad value must not fault.
+  const int64_t raw_prefix = a.prefix_len[b];
+  const int prefix = static_cast<int>(raw_prefix < 0 ? 0 : (raw_prefix > a.slots - a.nodes ? a.slots - a.nodes : raw_prefix));
+  const int last_node = (min(row0 + Cfg::kRows, rows) - 1) / p.group;
+  const int key_end = prefix + last_node + 1;
+  const int tiles = (key_end + kKeys - 1) / kKeys;
+  const int per_split = (tiles + p.splits - 1) / p.splits;
+  const int tile_begin = split * per_split;
+  const int tile_end = min(tiles, tile_begin + per_split);
+
+  const float scale_log2 = a.scale * kLog2e;
+  float o[kMT][kDimTiles][4];
+  float m[kMT][2], l[kMT][2];  // running max (raw scores) and this thread's share of the row sum
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt) {
+#pragma unroll
+    for (int n = 0; n < kDimTiles; ++n) o[mt][n][0] = o[mt][n][1] = o[mt][n][2] = o[mt][n][3] = 0.f;
+    m[mt][0] = m[mt][1] = -INFINITY;
+    l[mt][0] = l[mt][1] = 0.f;
+  }
+
+  if (tile_begin < tile_end) {
+    const T* q_base = static_cast<const T*>(a.query) + b * a.q_batch_stride;
+    const T* k_base = static_cast<const T*>(a.key) + b * a.k_batch_stride + h * a.k_head_stride;
+    const T* v_base = static_cast<const T*>(a.value) + b * a.v_batch_stride + h * a.v_head_stride;
+
+#pragma unroll
+    for (int i = 0; i < Cfg::kRows * Cfg::kChunks / Cfg::kThreads; ++i) {
+      const int c = tid + i * Cfg::kThreads, r = c / Cfg::kChunks, ch = c % Cfg::kChunks;
+      const int row = row0 + r;
+      const bool valid = row < rows;
+      const int node = row / p.group, head = h * p.group + (row - node * p.group);
+      const T* src = valid ? q_base + node * a.q_node_stride + head * a.q_head_stride + ch * 8 : q_base;
+      cp_async16(s_q + swizzle<Cfg>(r, ch), src, valid);
+    }
+    cp_async_commit();
+
+    // Keys past key_end are never visible; zero-filling them keeps P V finite whatever the cache holds
+    // (a.key stands in as the address the zero-filling copies are given: always mapped, never read).
+    // A thread copies the same chunk of every kRowStep-th key: one running pointer per K and V and a
+    // row count left, rather than a hoisted address per copy.
+    constexpr int kRowStep = Cfg::kThreads / Cfg::kChunks;
+    const int my_key = tid / Cfg::kChunks, my_chunk = tid % Cfg::kChunks;
+    const T* k_mine = k_base + my_key * a.k_slot_stride + my_chunk * 8;
+    const T* v_mine = v_base + my_key * a.v_slot_stride + my_chunk * 8;
+    const int64_t k_step = kRowStep * a.k_slot_stride, v_step = kRowStep * a.v_slot_stride;
+    auto load_kv = [&](int tile, int stage) {
+      const int key0 = tile * kKeys;
+      const int left = key_end - key0 - my_key;
+      const T* kp = k_mine + key0 * a.k_slot_stride;
+      const T* vp = v_mine + key0 * a.v_slot_stride;
+#pragma unroll
+      for (int i = 0; i < kKeys / kRowStep; ++i) {
+        const bool valid = i * kRowStep < left;
+        const uint32_t off = stage * Cfg::kKvBytes + swizzle<Cfg>(my_key + i * kRowStep, my_chunk);
+        cp_async16(s_k + off, valid ? kp : a.key, valid);
+        cp_async16(s_v + off, valid ? vp : a.key, valid);
+        kp += k_step;
+        vp += v_step;
+      }
+    };
+#pragma unroll
+    for (int s = 0; s < kStages - 1; ++s) {
+      if (tile_begin + s < tile_end) load_kv(tile_begin + s, s);
+      cp_async_commit();
+    }
+
+    // ldmatrix lane addresses (see the mma.m16n8k16 fragment layouts). Every row read here has
+    // row & 7 == lane & 7, so the swizzled address of the even chunk 2 * kk is this lane's address of
+    // chunk 0 XOR (kk << 5): one immediate operation per ldmatrix, no table of per-kk offsets held in
+    // registers (tile bases are multiples of a row, so the XORed bits are the chunk's own).
+    const uint32_t q_lane = ((warp * kMT) * 16 + (lane & 15)) * Cfg::kRowBytes + ((((lane >> 4) ^ lane) & 7) << 4);
+    const uint32_t k_lane = ((lane & 7) + ((lane >> 4) << 3)) * Cfg::kRowBytes + (((((lane >> 3) & 1) ^ lane) & 7) << 4);
+    const uint32_t v_lane = ((lane & 7) + (((lane >> 3) & 1) << 3)) * Cfg::kRowBytes + ((((lane >> 4) ^ lane) & 7) << 4);
+
+    for (int t = tile_begin; t < tile_end; ++t) {
+      const int it = t - tile_begin;
+      cp_async_wait<kStages - 2>();
+      __syncthreads();  // tile t (and Q) visible to all; every warp is done with the stage refilled next
+      if (t + kStages - 1 < tile_end) load_kv(t + kStages - 1, (it + kStages - 1) % kStages);
+      cp_async_commit();
+      const uint32_t k_tile = s_k + (it % kStages) * Cfg::kKvBytes;
+      const uint32_t v_tile = s_v + (it % kStages) * Cfg::kKvBytes;
+
+      float s[kMT][kKeyTiles][4];
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+        for (int n = 0; n < kKeyTiles; ++n) s[mt][n][0] = s[mt][n][1] = s[mt][n][2] = s[mt][n][3] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < D / 16; ++kk) {
+        uint32_t qa[kMT][4];
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt)
+          ldsm_x4(qa[mt], s_q + ((q_lane + mt * 16 * Cfg::kRowBytes) ^ (kk << 5)));
+#pragma unroll
+        for (int np = 0; np < kKeyTiles / 2; ++np) {
+          uint32_t kb[4];
+          ldsm_x4(kb, k_tile + ((k_lane + np * 16 * Cfg::kRowBytes) ^ (kk << 5)));
+#pragma unroll
+          for (int mt = 0; mt < kMT; ++mt) {
+            mma16816<T>(s[mt][2 * np], qa[mt], kb[0], kb[1]);
+            mma16816<T>(s[mt][2 * np + 1], qa[mt], kb[2], kb[3]);
+          }
+        }
+      }
+
+      if (t * kKeys + kKeys > prefix) {  // the tile reaches the tree block
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+          for (int hf = 0; hf < 2; ++hf) {
+            const int row = min(row0 + (warp * kMT + mt) * 16 + (lane >> 2) + 8 * hf, rows - 1);
+            const int node = row / p.group;
+            const int32_t* words = a.ancestors + (static_cast<int64_t>(b) * a.nodes + node) * a.words;
+            const uint64_t bits = visible_bits(words, a.words, node, t * kKeys - prefix) >> (2 * (lane & 3));
+#pragma unroll
+            for (int n = 0; n < kKeyTiles; ++n)
+#pragma unroll
+              for (int e = 0; e < 2; ++e)
+                if (!((bits >> (8 * n + e)) & 1)) s[mt][n][2 * hf + e] = -INFINITY;
+          }
+      }
+
+      float correction[kMT][2];
+      bool grew = false;
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+        for (int hf = 0; hf < 2; ++hf) {
+          float mx = m[mt][hf];
+#pragma unroll
+          for (int n = 0; n < kKeyTiles; ++n) mx = fmaxf(mx, fmaxf(s[mt][n][2 * hf], s[mt][n][2 * hf + 1]));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+          // A row with no visible key yet keeps max -inf; exponentiate against 0 so that it stays 0, not NaN.
+          const float base = mx == -INFINITY ? 0.f : mx * scale_log2;
+          correction[mt][hf] = mx == m[mt][hf] ? 1.f : exp2f(fmaf(m[mt][hf], scale_log2, -base));
+          grew |= mx != m[mt][hf];
+          m[mt][hf] = mx;
+          float sum = 0.f;
+#pragma unroll
+          for (int n = 0; n < kKeyTiles; ++n)
+#pragma unroll
+            for (int e = 0; e < 2; ++e) {
+              const float pe = exp2f(fmaf(s[mt][n][2 * hf + e], scale_log2, -base));
+              s[mt][n][2 * hf + e] = pe;
+              sum += pe;
+            }
+          l[mt][hf] = fmaf(l[mt][hf], correction[mt][hf], sum);
+        }
+      // Past the first tiles a row's max rarely grows: skip the O rescale when no row of the warp's grew.
+      if (__any_sync(0xffffffffu, grew)) {
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+          for (int n = 0; n < kDimTiles; ++n) {
+            o[mt][n][0] *= correction[mt][0];
+            o[mt][n][1] *= correction[mt][0];
+            o[mt][n][2] *= correction[mt][1];
+            o[mt][n][3] *= correction[mt][1];
+          }
+      }
+
+#pragma unroll
+      for (int kk = 0; kk < kKeys / 16; ++kk) {
+        uint32_t pa[kMT][4];  // the S accumulator layout is the A-fragment layout of P V
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt) {
+          pa[mt][0] = pack2<T>(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+          pa[mt][1] = pack2<T>(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+          pa[mt][2] = pack2<T>(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+          pa[mt][3] = pack2<T>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+        }
+#pragma unroll
+        for (int dp = 0; dp < D / 16; ++dp) {
+          uint32_t vb[4];
+          ldsm_x4_trans(vb, v_tile + ((v_lane + kk * 16 * Cfg::kRowBytes) ^ (dp << 5)));
+#pragma unroll
+          for (int mt = 0; mt < kMT; ++mt) {
+            mma16816<T>(o[mt][2 * dp], pa[mt], vb[0], vb[1]);
+            mma16816<T>(o[mt][2 * dp + 1], pa[mt], vb[2], vb[3]);
+          }
+        }
+      }
+    }
+  }
+
+  // Epilogue: every valid row is written, also by a split that got no keys (its partial is empty).
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      float sum = l[mt][hf];
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      const int row = row0 + (warp * kMT + mt) * 16 + (lane >> 2) + 8 * hf;
+      if (row >= rows) continue;
+      const float inv = sum > 0.f ? 1.f / sum : 0.f;  // no visible key: output 0
+      const int node = row / p.group, head = h * p.group + (row - node * p.group);
+      const int col = 2 * (lane & 3);
+      if (p.splits == 1) {
+        T* dst = static_cast<T*>(a.out) + b * a.o_batch_stride + node * a.o_node_stride + head * a.o_head_stride + col;
+#pragma unroll
+        for (int n = 0; n < kDimTiles; ++n)
+          *reinterpret_cast<uint32_t*>(dst + 8 * n) = pack2<T>(o[mt][n][2 * hf] * inv, o[mt][n][2 * hf + 1] * inv);
+      } else {
+        const int64_t prow = (static_cast<int64_t>(split * a.batch + b) * a.nodes + node) * a.q_heads + head;
+        float* dst = p.part_o + prow * D + col;
+#pragma unroll
+        for (int n = 0; n < kDimTiles; ++n)
+          *reinterpret_cast<float2*>(dst + 8 * n) = make_float2(o[mt][n][2 * hf] * inv, o[mt][n][2 * hf + 1] * inv);
+        if ((lane & 3) == 0) p.part_lse[prow] = sum > 0.f ? fmaf(m[mt][hf], scale_log2, log2f(sum)) : -INFINITY;
+      }
+    }
+}
+
+// Merges the splits' partials of one output row per D / 4 threads (4 dims each).
+template <typename T, int D>
+__global__ void __launch_bounds__(128) tree_attention_combine_kernel(const Params p) {
+  constexpr int kLanes = D / 4, kRowsPerBlock = 128 / kLanes;
+  const TreeAttentionArgs& a = p.a;
+  const int64_t rows = static_cast<int64_t>(a.batch) * a.nodes * a.q_heads;
+  const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kLanes;
+  if (row >= rows) return;
+  const int col = (threadIdx.x % kLanes) * 4;
+  float top = -INFINITY;
+  for (int s = 0; s < p.splits; ++s) top = fmaxf(top, p.part_lse[s * rows + row]);
+  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+  float total = 0.f;
+  if (top != -INFINITY) {
+    for (int s = 0; s < p.splits; ++s) {
+      const float w = exp2f(p.part_lse[s * rows + row] - top);
+      const float4 v = *reinterpret_cast<const float4*>(p.part_o + (s * rows + row) * D + col);
+      acc.x = fmaf(w, v.x, acc.x);
+      acc.y = fmaf(w, v.y, acc.y);
+      acc.z = fmaf(w, v.z, acc.z);
+      acc.w = fmaf(w, v.w, acc.w);
+      total += w;
+    }
+  }
+  const float inv = total > 0.f ? 1.f / total : 0.f;
+  const int64_t head = row % a.q_heads, bn = row / a.q_heads, node = bn % a.nodes, b = bn / a.nodes;
+  T* dst = static_cast<T*>(a.out) + b * a.o_batch_stride + node * a.o_node_stride + head * a.o_head_stride + col;
+  *reinterpret_cast<uint2*>(dst) = make_uint2(pack2<T>(acc.x * inv, acc.y * inv), pack2<T>(acc.z * inv, acc.w * inv));
+}
+
+template <typename T, typename Cfg>
+struct Kernel {
+  using Elem = T;
+  using Config = Cfg;
+};
+
+// Calls f(Kernel<element type, tile>{}) for the call's dtype, head_dim and tile kind.
+template <typename T, int D, typename F>
+cudaError_t with_tile(int kind, F& f) {
+  switch (kind) {
+    case kSmall: return f(Kernel<T, SmallTile<D>>{});
+    case kMedium: return f(Kernel<T, MediumTile<D>>{});
+    default: return f(Kernel<T, LargeTile<D>>{});
+  }
+}
+template <typename T, typename F>
+cudaError_t with_dim(int head_dim, int kind, F& f) {
+  return head_dim == 64 ? with_tile<T, 64>(kind, f) : with_tile<T, 128>(kind, f);
+}
+template <typename F>
+cudaError_t with_kernel(const TreeAttentionArgs& a, int kind, F&& f) {
+  return a.bf16 ? with_dim<__nv_bfloat16>(a.head_dim, kind, f) : with_dim<__half>(a.head_dim, kind, f);
+}
+
+constexpr int kMaxSplits = 128;
+constexpr int64_t kMinTilesPerSplit = 2;  // fewer keys per block and the prologue/epilogue dominate
+
+// Flash-decoding's rule: no split when the blocks already (nearly) fill the chip; otherwise the fewest
+// splits whose last wave is within 90% of the best wave efficiency reachable, so that small trees at
+// long prefixes get a full chip without multiplying partial-buffer traffic for nothing.
+int choose_splits(int64_t blocks, int64_t slots, int64_t key_tiles) {
+  if (5 * blocks >= 4 * slots) return 1;
+  int64_t most = key_tiles / kMinTilesPerSplit;
+  most = most < kMaxSplits ? most : kMaxSplits;
+  if (most <= 1) return 1;
+  auto efficiency = [&](int64_t s) {
+    const int64_t work = blocks * s, waves = (work + slots - 1) / slots;
+    return static_cast<double>(work) / static_cast<double>(waves * slots);
+  };
+  double best = 0.0;
+  for (int64_t s = 1; s <= most; ++s) best = efficiency(s) > best ? efficiency(s) : best;
+  for (int64_t s = 1; s <= most; ++s)
+    if (efficiency(s) >= 0.9 * best) return static_cast<int>(s);
+  return 1;
+}
+
+}  // namespace
+
+cudaError_t tree_attention_plan(const TreeAttentionArgs& a, TreeAttentionPlan* plan) {
+  const int rows = a.q_heads / a.kv_heads * a.nodes;
+  const int kind = tile_kind(rows);
+  plan->tile = kind;
+  plan->row_tiles = (rows + tile_rows(kind) - 1) / tile_rows(kind);
+  plan->splits = 1;
+  return with_kernel(a, kind, [&](auto k) -> cudaError_t {
+    using K = decltype(k);
+    using Cfg = typename K::Config;
+    auto* fn = tree_attention_kernel<typename K::Elem, Cfg>;
+    cudaError_t err = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmem);
+    int device = 0, sms = 0, per_sm = 0;
+    if (err == cudaSuccess) err = cudaGetDevice(&device);
+    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fn, Cfg::kThreads, Cfg::kSmem);
+    if (err != cudaSuccess) return err;
+    const int64_t blocks = static_cast<int64_t>(a.batch) * a.kv_heads * plan->row_tiles;
+    const int64_t slots = static_cast<int64_t>(sms) * (per_sm > 0 ? per_sm : 1);
+    const int64_t key_tiles = (a.max_prefix + a.nodes + Cfg::kKeys - 1) / Cfg::kKeys;
+    plan->splits = choose_splits(blocks, slots, key_tiles);
+    return cudaSuccess;
+  });
+}
+
+cudaError_t tree_attention(const TreeAttentionArgs& a, const TreeAttentionPlan& plan, float* partial_out,
+                           float* partial_lse, cudaStream_t stream) {
+  if (a.batch == 0) return cudaSuccess;
+  const Params p{a, a.q_heads / a.kv_heads, plan.row_tiles, plan.splits, partial_out, partial_lse};
+  return with_kernel(a, plan.tile, [&](auto k) -> cudaError_t {
+    using K = decltype(k);
+    using T = typename K::Elem;
+    using Cfg = typename K::Config;
+    const dim3 grid(static_cast<unsigned>(plan.row_tiles * plan.splits), static_cast<unsigned>(a.kv_heads),
+                    static_cast<unsigned>(a.batch));
+    tree_attention_kernel<T, Cfg><<<grid, Cfg::kThreads, Cfg::kSmem, stream>>>(p);
+    if (plan.splits > 1) {
+      constexpr int kRowsPerBlock = 128 / (Cfg::kHeadDim / 4);
+      const int64_t rows = static_cast<int64_t>(a.batch) * a.nodes * a.q_heads;
+      const unsigned blocks = static_cast<unsigned>((rows + kRowsPerBlock - 1) / kRowsPerBlock);
+      tree_attention_combine_kernel<T, Cfg::kHeadDim><<<blocks, 128, 0, stream>>>(p);
+    }
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace jetspec::cuda
