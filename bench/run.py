@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
-from . import bench_e2e, bench_kv_compact
+from . import bench_build_tree, bench_e2e, bench_kv_compact
 from .harness import Ceilings, Timer, device_info, print_table, write_results
 
-BENCHMARKS = {"e2e": bench_e2e, "kv_compact": bench_kv_compact}
+BENCHMARKS = {"build_tree": bench_build_tree, "e2e": bench_e2e, "kv_compact": bench_kv_compact}
 
 
 def main() -> None:
