@@ -20,14 +20,16 @@
 //   Algorithm (node-for-node the published reference's accum_logp builder): node scores are cumulative
 //   log-probs; a max-heap pops the best node, ties going to the earlier-created node; a popped node at
 //   depth d < D gets min(K, N - count) children at once, in candidate-rank order, child r scoring
-//   score(parent) + topk_logprobs[d][r]; stop when N nodes exist or the heap is empty. Node index =
-//   creation order, so parents[i] < i. Padding nodes (i >= num_nodes) are token 0, parent -1,
-//   depth 0, position base_pos, and see only themselves.
+//   score(parent) + topk_logprobs[d][r]; stop when N nodes exist or the heap is empty. Scores are
+//   float64, summed in that order from the root's 0.0, so ties are exact. Node index = creation order,
+//   so parents[i] < i. Padding nodes (i >= num_nodes) are token 0, parent -1, depth 0, position
+//   base_pos, and see only themselves. D = 0 gives the root alone.
 //
 // The CPU kernel is the Python reference (jetspec.tree), registered from Python; the schema lives here
-// so that every backend shares it. The CUDA kernel (cuda/build_tree.cu) builds the same trees, node for
-// node, for D <= 32, K <= 32 and N <= 1024, given rows that are descending and free of NaN as the
-// contract says (on other rows the two kernels may differ); one launch, one block per tree, no host sync.
+// so that every backend shares it. The CUDA kernel (cuda/build_tree.cu) builds the same trees, bit for
+// bit, for D <= 32, K <= 32 and N <= 1024 (beyond: ValueError), one launch with one block per tree, no
+// host sync. It relies on what the contract says of topk_logprobs: rows descending, log-probs (no NaN,
+// no +inf); on rows that are not, the two kernels may build different trees.
 #include <torch/library.h>
 
 #include "checks.h"

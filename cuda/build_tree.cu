@@ -12,13 +12,16 @@
 // +0.0 (so no score is ever -0.0 and bit patterns order like values), and ties go to the lower node
 // index because the node index sits in the top bits of the word compared last.
 //
-// Phase 1 (warp 0): entry e is owned by lane e % 32, which keeps its candidate in shared memory and
-// the best of its own entries in registers. A pop is a warp-wide argmax of the lane bests: a
-// reduction on the high word of the score, which almost always leaves one lane (then two shuffles
-// fetch the rest of its key), else reductions on the low word and the node index. The popped
-// node's K children are written by K lanes at once; only the popped entry's owner rescans its
-// entries (at most ceil(N / K / 32) of them) and only the owner of a new entry updates its best.
-// Meanwhile the other warps zero the ancestor rows.
+// Phase 1 (warp 0): entry e is owned by lane e % 32, which keeps the best candidate of its entries
+// in a register; the candidates live in shared memory, each owner's side by side. A pop is a
+// warp-wide argmax: reductions on the high word of the score, which almost always leave one lane,
+// then on the low word and the node index. After a pop only the popped entry's owner has a stale
+// best: its (at most 16) candidates are loaded one per lane, with the moved entry's new candidate
+// (and the new entry's, if it is the owner's) substituted, and the next pop is the argmax over the
+// other lanes' bests and these, while a second argmax over them alone, interleaved with the first,
+// refreshes the owner's best. So a pop costs the same whatever K is: one round of shared loads,
+// two float64 additions and two interleaved reductions. The popped node's K children are written
+// by K lanes at once. Meanwhile the warps that do not share warp 0's scheduler zero the ancestor rows.
 // Phase 2 (whole block): one thread per node writes its token, parent, depth and position
 // (coalesced) and its ancestor words: it walks its parent chain (at most D + 1 nodes, indices
 // decreasing), ORs the bits of each 32-node word in a register and stores each non-zero word once.
@@ -30,9 +33,10 @@ namespace {
 constexpr int kThreads = 512;
 constexpr int kWarps = kThreads / 32;
 constexpr unsigned kFull = 0xffffffffu;
-// Entries are made only by expansions that leave room for more nodes (1 + K * entries < N): with
-// K >= 2 fewer than N / 2 of them; with K = 1 the tree is a chain and fewer than D.
-constexpr int kMaxEntries = kTreeMaxNodes / 2;
+// Entries are made only by full expansions (K nodes) that leave room for more nodes
+// (1 + K * entries < N): with K >= 2 fewer than N / 2 of them, so at most 16 per owner lane; with
+// K = 1 the tree is a chain and there are fewer than D.
+constexpr int kSlots = kTreeMaxNodes / 2 / 32;
 
 // A candidate in the reference heap's order: higher score first, then lower node index. `score` is the
 // float64 bit pattern mapped so that unsigned order is numeric order; w packs the node index (bits
@@ -80,96 +84,100 @@ __device__ __forceinline__ Key load(const uint4* slot) {
   return {static_cast<uint64_t>(v.x) << 32 | v.y, v.z};
 }
 
-// The best of the 32 lanes' keys, known to every lane, from reductions on 32-bit words: the lanes
-// holding the highest high word of the score (almost always one) give the low word and w; only
-// when several hold it does w need a reduction of its own among equal scores.
-__device__ __forceinline__ Key warp_best(const Key& k) {
-  const uint32_t my_hi = static_cast<uint32_t>(k.score >> 32), my_lo = static_cast<uint32_t>(k.score);
-  const uint32_t hi = __reduce_max_sync(kFull, my_hi);
-  const bool holder = my_hi == hi;
-  const uint32_t holders = __ballot_sync(kFull, holder);
-  const uint32_t lo = __reduce_max_sync(kFull, holder ? my_lo : 0u);
-  uint32_t w = __reduce_min_sync(kFull, holder ? k.w : ~0u);
-  if (holders & (holders - 1)) w = __reduce_min_sync(kFull, holder && my_lo == lo ? k.w : ~0u);
-  return {static_cast<uint64_t>(hi) << 32 | lo, w};
+// The best of the 32 lanes' keys `a`, and of their keys `b`, known to every lane: two independent
+// argmaxes side by side, so that their reductions overlap. Reductions work on 32-bit words: the
+// lanes holding the highest high word of the score (almost always one) give the low word and w;
+// only when several hold it does w need a reduction of its own among equal scores.
+__device__ __forceinline__ void warp_best(const Key& a, const Key& b, Key& best_a, Key& best_b) {
+  const uint32_t a_hi = static_cast<uint32_t>(a.score >> 32), a_lo = static_cast<uint32_t>(a.score);
+  const uint32_t b_hi = static_cast<uint32_t>(b.score >> 32), b_lo = static_cast<uint32_t>(b.score);
+  const uint32_t hi_a = __reduce_max_sync(kFull, a_hi), hi_b = __reduce_max_sync(kFull, b_hi);
+  const bool holds_a = a_hi == hi_a, holds_b = b_hi == hi_b;
+  const uint32_t holders_a = __ballot_sync(kFull, holds_a), holders_b = __ballot_sync(kFull, holds_b);
+  const uint32_t lo_a = __reduce_max_sync(kFull, holds_a ? a_lo : 0u);
+  const uint32_t lo_b = __reduce_max_sync(kFull, holds_b ? b_lo : 0u);
+  uint32_t w_a = __reduce_min_sync(kFull, holds_a ? a.w : ~0u), w_b = __reduce_min_sync(kFull, holds_b ? b.w : ~0u);
+  if (holders_a & (holders_a - 1)) w_a = __reduce_min_sync(kFull, holds_a && a_lo == lo_a ? a.w : ~0u);
+  if (holders_b & (holders_b - 1)) w_b = __reduce_min_sync(kFull, holds_b && b_lo == lo_b ? b.w : ~0u);
+  best_a = {static_cast<uint64_t>(hi_a) << 32 | lo_a, w_a};
+  best_b = {static_cast<uint64_t>(hi_b) << 32 | lo_b, w_b};
 }
 
 // Node record in shared memory: parent + 1 (bits 16-26), depth (8-13), rank among its siblings (0-4).
 __device__ __forceinline__ int parent_of(uint32_t node) { return static_cast<int>(node >> 16) - 1; }
 
-// Phase 1, run by the 32 lanes of warp 0: fills node[0, n) and returns n. Lane l owns entries l,
-// l + 32, ..., at most kSlots of them. All but the stores is uniform across the lanes and branch-free,
-// so that the loads of the popped entry's next key, of the new entry's key and of every lane's own
-// entries are in flight together and the rescan is a balanced tree of selects.
-template <int kSlots>
+// Phase 1, run by the 32 lanes of warp 0: fills node[0, n) and returns n. cand[l * kSlots + i] is
+// the candidate of entry 32 * i + l.
 __device__ int grow(const double* lp, uint32_t* node, uint4* cand, double* parent_score, int depth, int width,
                     int budget, int lane) {
-  int n = 1, entries = 0;
-  // The popped node: first the root, which scores +0.0 and belongs to no entry.
-  int popped = 0, popped_depth = 0, entry = -1, rank = 0;
-  double score = 0.0;
-  node[0] = 0;  // parent -1, depth 0
-  // Frontier candidates are never at depth D: only the root (when D = 0) can fail this.
-  while (popped_depth < depth) {
-    // Every load of this pop first, unconditionally, so that they are all in flight together: the
-    // popped entry's parent score and next candidate (the root, which has no entry, reads lp[0] as a
-    // stand-in, never used), the first candidate of the popped node's children, and this lane's entries.
-    const int row = popped_depth - 1;
-    const double parent = *(entry >= 0 ? &parent_score[entry] : lp);
-    const double next_lp = lp[max(row, 0) * width + min(rank + 1, width - 1)];
-    const double first_lp = lp[popped_depth * width];
-    Key mine[kSlots];
-#pragma unroll
-    for (int i = 0; i < kSlots; ++i) {
-      const int j = lane + 32 * i;
-      mine[i] = j < entries && j != entry ? load(&cand[j]) : dead();
+  // The root pops first: it scores +0.0, and expands unless D = 0.
+  const int root_kids = depth > 0 ? min(width, budget - 1) : 0;
+  if (lane < root_kids) node[1 + lane] = 1u << 16 | 1u << 8 | lane;
+  if (lane == 0) node[0] = 0;  // parent -1, depth 0
+  int n = 1 + root_kids, entries = 0;
+  Key best = dead(), view = dead();  // this lane's best candidate; one candidate of the last popped entry's owner
+  int owner = -1;                    // that owner: its best is stale, `view` holds its candidates
+  if (depth > 1 && n < budget) {     // the root's children can expand: they are entry 0
+    best = lane == 0 ? encode(0.0 + lp[0], pack(1, 0, 0, 0)) : dead();
+    if (lane == 0) {
+      store(&cand[0], best);
+      parent_score[0] = 0.0;
     }
+    entries = 1;
+  }
+  while (n < budget) {
+    __syncwarp();  // orders the last pop's stores before other lanes load them
+    // The next pop is the best of the other lanes' bests and the owner's candidates; a second
+    // argmax over the latter alone refreshes the owner's best.
+    Key top, owner_best;
+    warp_best(best_of(lane == owner ? dead() : best, view), view, top, owner_best);
+    if (lane == owner) best = owner_best;
+    if (top.score == 0) break;  // no candidate left: every unexpanded node is at depth D
+    const int popped = static_cast<int>(top.w >> 20), entry = static_cast<int>(top.w >> 10) & 1023;
+    const int rank = static_cast<int>(top.w >> 5) & 31, row = static_cast<int>(top.w & 31);
+    const int popped_depth = row + 1;  // < D: frontier candidates are never at depth D
+    const double score = decode(top);
+    owner = entry & 31;
+    // Every load of this pop first, so that they are in flight together: the popped entry's parent
+    // score and next candidate, the first candidate of the popped node's children, and the owner's
+    // candidates, one per lane.
+    const double parent = parent_score[entry];
+    const double next_lp = lp[row * width + min(rank + 1, width - 1)];
+    const double first_lp = lp[popped_depth * width];
+    view = dead();
+    if (lane < (entries - owner + 31) >> 5) view = load(&cand[owner * kSlots + lane]);  // owner, owner + 32, ...
     const int first = n, kids = min(width, budget - n);
     if (lane < kids) node[first + lane] = static_cast<uint32_t>(popped + 1) << 16 | (popped_depth + 1) << 8 | lane;
     n += kids;
     if (n == budget) break;
-    // The popped node's entry moves on to its next sibling, if any; its children become an entry when
-    // they can expand.
-    const bool more = entry >= 0 && rank + 1 < width;
-    const bool grows = popped_depth + 1 < depth;
-#pragma unroll
-    for (int stride = 1; stride < kSlots; stride *= 2)
-#pragma unroll
-      for (int i = 0; i + stride < kSlots; i += 2 * stride) mine[i] = best_of(mine[i], mine[i + stride]);
-    Key best = mine[0];
-    const Key next = more ? encode(parent + next_lp, pack(popped + 1, entry, rank + 1, row)) : dead();
-    const Key fresh = encode(score + first_lp, pack(first, entries, 0, popped_depth));
-    if (entry >= 0 && lane == (entry & 31)) {
-      store(&cand[entry], next);
-      best = best_of(best, next);
+    // The popped entry moves on to its next sibling, if any; the popped node's children become an
+    // entry when they can expand. A candidate is stored by the lane that loads its slot (lane i
+    // loads slot i), so that no lane writes what another reads before the next __syncwarp.
+    const Key next = rank + 1 < width ? encode(parent + next_lp, pack(popped + 1, entry, rank + 1, row)) : dead();
+    if (lane == entry >> 5) {
+      view = next;
+      store(&cand[owner * kSlots + lane], next);
     }
-    if (grows) {
-      if (lane == (entries & 31)) {
-        store(&cand[entries], fresh);
+    if (popped_depth + 1 < depth) {
+      const Key fresh = encode(score + first_lp, pack(first, entries, 0, popped_depth));
+      if (lane == (entries & 31)) best = best_of(best, fresh);
+      if (lane == entries >> 5) {
+        if ((entries & 31) == owner) view = fresh;
+        store(&cand[(entries & 31) * kSlots + lane], fresh);
         parent_score[entries] = score;
-        best = best_of(best, fresh);
       }
       ++entries;
     }
-    __syncwarp();  // orders parent_score's store before other lanes load it
-    const Key top = warp_best(best);
-    if (top.score == 0) break;  // no candidate left: every unexpanded node is at depth D
-    popped = static_cast<int>(top.w >> 20);
-    entry = static_cast<int>(top.w >> 10) & 1023;
-    rank = static_cast<int>(top.w >> 5) & 31;
-    popped_depth = static_cast<int>(top.w & 31) + 1;
-    score = decode(top);
   }
   return n;
 }
 
-template <int kSlots>
 __global__ void __launch_bounds__(kThreads) build_tree_kernel(BuildTreeArgs a) {
   __shared__ double lp_s[kTreeMaxDepth * kTreeMaxWidth];  // widened once, as the reference does
   __shared__ int64_t id_s[kTreeMaxDepth * kTreeMaxWidth];
   __shared__ uint32_t node_s[kTreeMaxNodes];
-  __shared__ uint4 cand_s[kMaxEntries];  // each entry's candidate, touched only by its owner lane
-  __shared__ double parent_score_s[kMaxEntries];
+  __shared__ uint4 cand_s[32 * kSlots];
+  __shared__ double parent_score_s[32 * kSlots];
   __shared__ int count_s;
 
   const int64_t b = blockIdx.x;
@@ -188,10 +196,13 @@ __global__ void __launch_bounds__(kThreads) build_tree_kernel(BuildTreeArgs a) {
   __syncthreads();
 
   if (warp == 0) {
-    const int n = grow<kSlots>(lp_s, node_s, cand_s, parent_score_s, depth, width, budget, lane);
+    const int n = grow(lp_s, node_s, cand_s, parent_score_s, depth, width, budget, lane);
     if (lane == 0) count_s = n;
-  } else {
-    for (int i = warp - 1; i < budget; i += kWarps - 1)
+  } else if (warp % 4 != 0) {
+    // Warps 4, 8, 12 would share warp 0's scheduler (warps are dealt to the SM's four schedulers in
+    // turn) and take issue slots from its chain of pops: they stay idle.
+    const int zeroing = warp - 1 - warp / 4;
+    for (int i = zeroing; i < budget; i += kWarps - kWarps / 4)
       for (int w = lane; w < words; w += 32) anc[i * a.ancestors_stride[1] + w * a.ancestors_stride[2]] = 0;
   }
   __syncthreads();  // also orders the zeros before the ancestor words stored below
@@ -225,22 +236,6 @@ __global__ void __launch_bounds__(kThreads) build_tree_kernel(BuildTreeArgs a) {
   if (tid == 0) a.num_nodes[b * a.num_nodes_stride] = count;
 }
 
-// Most entries one tree can need. Each is made by a full expansion (K nodes) after which the tree is
-// still short of N nodes, by a node at depth <= D - 2.
-int64_t max_entries(const BuildTreeArgs& a) {
-  if (a.nodes < 2 || a.depth < 2) return 0;
-  const int64_t by_budget = (a.nodes - 2) / a.width;
-  int64_t by_depth = 0, level = 1;
-  for (int64_t d = 0; d <= a.depth - 2 && by_depth < by_budget; ++d, level *= a.width) by_depth += level;
-  return by_depth < by_budget ? by_depth : by_budget;
-}
-
-template <int kSlots>
-cudaError_t launch(const BuildTreeArgs& a, cudaStream_t stream) {
-  build_tree_kernel<kSlots><<<static_cast<unsigned>(a.batch), kThreads, 0, stream>>>(a);
-  return cudaGetLastError();
-}
-
 }  // namespace
 
 cudaError_t build_tree(const BuildTreeArgs& a, cudaStream_t stream) {
@@ -248,13 +243,8 @@ cudaError_t build_tree(const BuildTreeArgs& a, cudaStream_t stream) {
   if (a.depth < 0 || a.depth > kTreeMaxDepth || a.width < 1 || a.width > kTreeMaxWidth || a.nodes < 1 ||
       a.nodes > kTreeMaxNodes || a.batch > 0x7fffffff)
     return cudaErrorInvalidValue;
-  // The fewest entry slots per lane that hold every entry: fewer loads and selects per pop.
-  const int64_t slots = (max_entries(a) + 31) / 32;
-  if (slots <= 1) return launch<1>(a, stream);
-  if (slots <= 2) return launch<2>(a, stream);
-  if (slots <= 4) return launch<4>(a, stream);
-  if (slots <= 8) return launch<8>(a, stream);
-  return launch<kMaxEntries / 32>(a, stream);
+  build_tree_kernel<<<static_cast<unsigned>(a.batch), kThreads, 0, stream>>>(a);
+  return cudaGetLastError();
 }
 
 }  // namespace jetspec::cuda
