@@ -30,7 +30,7 @@
 namespace jetspec::cuda {
 namespace {
 
-constexpr int kThreads = 512;
+constexpr int kThreads = 1024;  // one thread per node in phase 2
 constexpr int kWarps = kThreads / 32;
 constexpr unsigned kFull = 0xffffffffu;
 // Entries are made only by full expansions (K nodes) that leave room for more nodes
@@ -199,7 +199,7 @@ __global__ void __launch_bounds__(kThreads) build_tree_kernel(BuildTreeArgs a) {
     const int n = grow(lp_s, node_s, cand_s, parent_score_s, depth, width, budget, lane);
     if (lane == 0) count_s = n;
   } else if (warp % 4 != 0) {
-    // Warps 4, 8, 12 would share warp 0's scheduler (warps are dealt to the SM's four schedulers in
+    // Warps 4, 8, ... would share warp 0's scheduler (warps are dealt to the SM's four schedulers in
     // turn) and take issue slots from its chain of pops: they stay idle.
     const int zeroing = warp - 1 - warp / 4;
     for (int i = zeroing; i < budget; i += kWarps - kWarps / 4)
