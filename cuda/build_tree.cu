@@ -68,7 +68,8 @@ __device__ __forceinline__ uint32_t pack(int node, int entry, int rank, int row)
          static_cast<uint32_t>(row);
 }
 
-// --use_fast_math would widen a float32 subnormal to 0.0 (cvt.ftz); the reference widens it exactly.
+// A plain cast compiles to cvt.ftz.f64.f32 under --use_fast_math, which PTX allows to flush float32
+// subnormals to 0.0; the reference widens them exactly, and so does cvt without .ftz.
 __device__ __forceinline__ double widen(float x) {
   double y;
   asm("cvt.f64.f32 %0, %1;" : "=d"(y) : "f"(x));
