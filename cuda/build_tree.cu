@@ -20,9 +20,11 @@
 // (and the new entry's, if it is the owner's) substituted, and the next pop is the argmax over the
 // other lanes' bests and these, while a second argmax over them alone, interleaved with the first,
 // refreshes the owner's best. So a pop costs the same whatever K is: one round of shared loads,
-// two float64 additions and two interleaved reductions. The popped node's K children are written
-// by K lanes at once. Meanwhile the warps that do not share warp 0's scheduler zero the ancestor rows.
-// Phase 2 (whole block): one thread per node writes its token, parent, depth and position
+// two float64 additions and two interleaved reductions. A pop records only the popped node: every
+// expansion but the last adds exactly K nodes, so a node's index tells its expansion and rank.
+// Meanwhile the warps that do not share warp 0's scheduler zero the ancestor rows.
+// Phase 2 (whole block): each node's record (parent, depth, rank) is derived from its expansion;
+// then one thread per node writes its token, parent, depth and position
 // (coalesced) and its ancestor words: it walks its parent chain (at most D + 1 nodes, indices
 // decreasing), ORs the bits of each 32-node word in a register and stores each non-zero word once.
 #include "build_tree.cuh"
@@ -34,8 +36,8 @@ constexpr int kThreads = 1024;  // one thread per node in phase 2
 constexpr int kWarps = kThreads / 32;
 constexpr unsigned kFull = 0xffffffffu;
 // Entries are made only by full expansions (K nodes) that leave room for more nodes
-// (1 + K * entries < N): with K >= 2 fewer than N / 2 of them, so at most 16 per owner lane; with
-// K = 1 the tree is a chain and there are fewer than D.
+// (1 + K * entries < N): with K >= 2 fewer than N / 2 of them, so at most kSlots = 16 per owner
+// lane; with K = 1 the tree is a chain and there are fewer than D.
 constexpr int kSlots = kTreeMaxNodes / 2 / 32;
 
 // A candidate in the reference heap's order: higher score first, then lower node index. `score` is the
@@ -54,13 +56,16 @@ __device__ __forceinline__ Key best_of(const Key& a, const Key& b) {
   return {a_wins ? a.score : b.score, a_wins ? a.w : b.w};
 }
 
+// Negative scores get every bit flipped, the others their sign bit set: then unsigned order is
+// numeric order (a shift and two logic ops, no branch).
 __device__ __forceinline__ Key encode(double score, uint32_t w) {
   const uint64_t u = static_cast<uint64_t>(__double_as_longlong(score));
-  return {u ^ ((u >> 63) ? ~0ull : (1ull << 63)), w};
+  return {u ^ (static_cast<uint64_t>(static_cast<int64_t>(u) >> 63) | (1ull << 63)), w};
 }
 
 __device__ __forceinline__ double decode(const Key& k) {
-  return __longlong_as_double(static_cast<long long>(k.score ^ ((k.score >> 63) ? (1ull << 63) : ~0ull)));
+  const uint64_t flip = ~static_cast<uint64_t>(static_cast<int64_t>(k.score) >> 63) | (1ull << 63);
+  return __longlong_as_double(static_cast<long long>(k.score ^ flip));
 }
 
 __device__ __forceinline__ uint32_t pack(int node, int entry, int rank, int row) {
@@ -107,15 +112,17 @@ __device__ __forceinline__ void warp_best(const Key& a, const Key& b, Key& best_
 // Node record in shared memory: parent + 1 (bits 16-26), depth (8-13), rank among its siblings (0-4).
 __device__ __forceinline__ int parent_of(uint32_t node) { return static_cast<int>(node >> 16) - 1; }
 
-// Phase 1, run by the 32 lanes of warp 0: fills node[0, n) and returns n. cand[l * kSlots + i] is
-// the candidate of entry 32 * i + l.
-__device__ int grow(const double* lp, uint32_t* node, uint4* cand, double* parent_score, int depth, int width,
+// Phase 1, run by the 32 lanes of warp 0. Expansion x (x = 0 is the root's) creates nodes
+// 1 + K x ... 1 + K x + K - 1 (the last one fewer, where the budget ends); it records its popped
+// node and that node's depth in expanded[x] (node | depth << 16). Returns the number of nodes.
+// cand[32 l + i] is the candidate of entry 32 i + l; slots past 15 are never used, so that lane i
+// can load slot i of any owner unconditionally.
+__device__ int grow(const double* lp, uint32_t* expanded, uint4* cand, double* parent_score, int depth, int width,
                     int budget, int lane) {
   // The root pops first: it scores +0.0, and expands unless D = 0.
-  const int root_kids = depth > 0 ? min(width, budget - 1) : 0;
-  if (lane < root_kids) node[1 + lane] = 1u << 16 | 1u << 8 | lane;
-  if (lane == 0) node[0] = 0;  // parent -1, depth 0
-  int n = 1 + root_kids, entries = 0;
+  if (depth == 0) return 1;
+  int n = 1 + min(width, budget - 1), entries = 0, expansions = 1;
+  if (lane == 0) expanded[0] = 0;
   Key best = dead(), view = dead();  // this lane's best candidate; one candidate of the last popped entry's owner
   int owner = -1;                    // that owner: its best is stale, `view` holds its candidates
   if (depth > 1 && n < budget) {     // the root's children can expand: they are entry 0
@@ -145,26 +152,28 @@ __device__ int grow(const double* lp, uint32_t* node, uint4* cand, double* paren
     const double parent = parent_score[entry];
     const double next_lp = lp[row * width + min(rank + 1, width - 1)];
     const double first_lp = lp[popped_depth * width];
-    view = dead();
-    if (lane < (entries - owner + 31) >> 5) view = load(&cand[owner * kSlots + lane]);  // owner, owner + 32, ...
-    const int first = n, kids = min(width, budget - n);
-    if (lane < kids) node[first + lane] = static_cast<uint32_t>(popped + 1) << 16 | (popped_depth + 1) << 8 | lane;
-    n += kids;
+    const Key stored = load(&cand[owner * 32 + lane]);
+    view = lane < (entries - owner + 31) >> 5 ? stored : dead();  // entries owner, owner + 32, ...
+    if (lane == 0) expanded[expansions] = static_cast<uint32_t>(popped) | static_cast<uint32_t>(popped_depth) << 16;
+    ++expansions;
+    const int first = n;
+    n += min(width, budget - n);
     if (n == budget) break;
-    // The popped entry moves on to its next sibling, if any; the popped node's children become an
-    // entry when they can expand. A candidate is stored by the lane that loads its slot (lane i
-    // loads slot i), so that no lane writes what another reads before the next __syncwarp.
-    const Key next = rank + 1 < width ? encode(parent + next_lp, pack(popped + 1, entry, rank + 1, row)) : dead();
+    // The popped entry moves on to its next sibling (node and rank one up), if any; the popped node's
+    // children become an entry when they can expand. A candidate is stored by the lane that loads
+    // its slot (lane i loads slot i), so that no lane writes what another reads before the next
+    // __syncwarp.
+    const Key next = rank + 1 < width ? encode(parent + next_lp, top.w + (1u << 20) + (1u << 5)) : dead();
     if (lane == entry >> 5) {
       view = next;
-      store(&cand[owner * kSlots + lane], next);
+      store(&cand[owner * 32 + lane], next);
     }
     if (popped_depth + 1 < depth) {
       const Key fresh = encode(score + first_lp, pack(first, entries, 0, popped_depth));
       if (lane == (entries & 31)) best = best_of(best, fresh);
       if (lane == entries >> 5) {
         if ((entries & 31) == owner) view = fresh;
-        store(&cand[(entries & 31) * kSlots + lane], fresh);
+        store(&cand[(entries & 31) * 32 + lane], fresh);
         parent_score[entries] = score;
       }
       ++entries;
@@ -176,8 +185,9 @@ __device__ int grow(const double* lp, uint32_t* node, uint4* cand, double* paren
 __global__ void __launch_bounds__(kThreads) build_tree_kernel(BuildTreeArgs a) {
   __shared__ double lp_s[kTreeMaxDepth * kTreeMaxWidth];  // widened once, as the reference does
   __shared__ int64_t id_s[kTreeMaxDepth * kTreeMaxWidth];
+  __shared__ uint32_t expanded_s[kTreeMaxNodes];
   __shared__ uint32_t node_s[kTreeMaxNodes];
-  __shared__ uint4 cand_s[32 * kSlots];
+  __shared__ uint4 cand_s[32 * 32];
   __shared__ double parent_score_s[32 * kSlots];
   __shared__ int count_s;
 
@@ -197,7 +207,7 @@ __global__ void __launch_bounds__(kThreads) build_tree_kernel(BuildTreeArgs a) {
   __syncthreads();
 
   if (warp == 0) {
-    const int n = grow(lp_s, node_s, cand_s, parent_score_s, depth, width, budget, lane);
+    const int n = grow(lp_s, expanded_s, cand_s, parent_score_s, depth, width, budget, lane);
     if (lane == 0) count_s = n;
   } else if (warp % 4 != 0) {
     // Warps 4, 8, ... would share warp 0's scheduler (warps are dealt to the SM's four schedulers in
@@ -209,6 +219,14 @@ __global__ void __launch_bounds__(kThreads) build_tree_kernel(BuildTreeArgs a) {
   __syncthreads();  // also orders the zeros before the ancestor words stored below
 
   const int count = count_s;
+  for (int i = 1 + tid; i < count; i += kThreads) {
+    const int x = (i - 1) / width;
+    const uint32_t popped = expanded_s[x];
+    node_s[i] = ((popped & 0xffff) + 1) << 16 | ((popped >> 16) + 1) << 8 | static_cast<uint32_t>(i - 1 - x * width);
+  }
+  if (tid == 0) node_s[0] = 0;  // parent -1, depth 0
+  __syncthreads();
+
   for (int i = tid; i < budget; i += kThreads) {
     int64_t token = 0, parent = -1, node_depth = 0;
     int32_t* row = anc + i * a.ancestors_stride[1];
