@@ -80,12 +80,17 @@ def run(timer: Timer, ceil: Ceilings) -> list[dict]:
                 t_eager = timer.eager_ms(op)
                 t_peer = _host_ms(cpu_reference_with_copies)
                 op()
+                nodes = int(outs[5].min())
+                pops = -(-(nodes - 1) // width)  # expansions, the root's included: the kernel's serial chain
                 row = {
                     "batch": batch,
                     "budget": budget,
                     "width": width,
                     "depth": DEPTH,
-                    "nodes_built": int(outs[5].min()),
+                    "nodes_built": nodes,
+                    "pops": pops,
+                    # What one pop costs beyond a launch: the number to push down.
+                    "ns_per_pop": (t_op - ceil.empty_kernel_ms) * 1e6 / max(pops, 1),
                     "us": t_op * 1e3,
                     "eager_us": t_eager * 1e3,
                     "vs_empty_kernel": t_op / ceil.empty_kernel_ms,
@@ -103,6 +108,8 @@ COLUMNS = [
     ("budget", "N", "d"),
     ("width", "K", "d"),
     ("nodes_built", "built", "d"),
+    ("pops", "pops", "d"),
+    ("ns_per_pop", "ns/pop", ".0f"),
     ("us", "op us", ".2f"),
     ("vs_empty_kernel", "x empty", ".2f"),
     ("eager_us", "eager us", ".2f"),

@@ -112,13 +112,24 @@ __device__ __forceinline__ void warp_best(const Key& a, const Key& b, Key& best_
 // Node record in shared memory: parent + 1 (bits 16-26), depth (8-13), rank among its siblings (0-4).
 __device__ __forceinline__ int parent_of(uint32_t node) { return static_cast<int>(node >> 16) - 1; }
 
-// Phase 1, run by the 32 lanes of warp 0. Expansion x (x = 0 is the root's) creates nodes
-// 1 + K x ... 1 + K x + K - 1 (the last one fewer, where the budget ends); it records its popped
-// node and that node's depth in expanded[x] (node | depth << 16). Returns the number of nodes.
-// cand[32 l + i] is the candidate of entry 32 i + l; slots past 15 are never used, so that lane i
-// can load slot i of any owner unconditionally.
-__device__ int grow(const double* lp, uint32_t* expanded, uint4* cand, double* parent_score, int depth, int width,
-                    int budget, int lane) {
+// Shared memory of phase 1, in one struct so that every access is one base register plus an offset.
+struct Frontier {
+  double lp[kTreeMaxDepth * kTreeMaxWidth];  // topk_logprobs, widened once as the reference does
+  // cand[32 l + i] is the candidate of entry 32 i + l; slots past kSlots are never used, so that
+  // lane i can load slot i of any owner unconditionally.
+  uint4 cand[32 * 32];
+  double parent_score[32 * kSlots];  // of each entry's parent
+  // Expansion x (x = 0 is the root's) creates nodes 1 + K x ... 1 + K x + K - 1 (the last one fewer,
+  // where the budget ends); expanded[x] is its popped node | that node's depth << 16.
+  uint32_t expanded[kTreeMaxNodes];
+};
+
+// Phase 1, run by the 32 lanes of warp 0: fills f.expanded and returns the number of nodes.
+__device__ int grow(Frontier& f, int depth, int width, int budget, int lane) {
+  const double* lp = f.lp;
+  uint4* cand = f.cand;
+  double* parent_score = f.parent_score;
+  uint32_t* expanded = f.expanded;
   // The root pops first: it scores +0.0, and expands unless D = 0.
   if (depth == 0) return 1;
   int n = 1 + min(width, budget - 1), entries = 0, expansions = 1;
@@ -183,12 +194,9 @@ __device__ int grow(const double* lp, uint32_t* expanded, uint4* cand, double* p
 }
 
 __global__ void __launch_bounds__(kThreads) build_tree_kernel(BuildTreeArgs a) {
-  __shared__ double lp_s[kTreeMaxDepth * kTreeMaxWidth];  // widened once, as the reference does
+  __shared__ Frontier frontier;
   __shared__ int64_t id_s[kTreeMaxDepth * kTreeMaxWidth];
-  __shared__ uint32_t expanded_s[kTreeMaxNodes];
   __shared__ uint32_t node_s[kTreeMaxNodes];
-  __shared__ uint4 cand_s[32 * 32];
-  __shared__ double parent_score_s[32 * kSlots];
   __shared__ int count_s;
 
   const int64_t b = blockIdx.x;
@@ -200,14 +208,14 @@ __global__ void __launch_bounds__(kThreads) build_tree_kernel(BuildTreeArgs a) {
   const int64_t root = a.root_token[b * a.root_stride], base = a.base_pos[b * a.base_stride];
   for (int f = tid; f < depth * width; f += kThreads) {
     const int d = f / width, r = f - d * width;
-    lp_s[f] = widen(a.logprobs[b * a.logprobs_stride[0] + d * a.logprobs_stride[1] + r * a.logprobs_stride[2]]);
+    frontier.lp[f] = widen(a.logprobs[b * a.logprobs_stride[0] + d * a.logprobs_stride[1] + r * a.logprobs_stride[2]]);
     id_s[f] = a.ids[b * a.ids_stride[0] + d * a.ids_stride[1] + r * a.ids_stride[2]];
   }
   int32_t* anc = a.ancestors + b * a.ancestors_stride[0];
   __syncthreads();
 
   if (warp == 0) {
-    const int n = grow(lp_s, expanded_s, cand_s, parent_score_s, depth, width, budget, lane);
+    const int n = grow(frontier, depth, width, budget, lane);
     if (lane == 0) count_s = n;
   } else if (warp % 4 != 0) {
     // Warps 4, 8, ... would share warp 0's scheduler (warps are dealt to the SM's four schedulers in
@@ -221,7 +229,7 @@ __global__ void __launch_bounds__(kThreads) build_tree_kernel(BuildTreeArgs a) {
   const int count = count_s;
   for (int i = 1 + tid; i < count; i += kThreads) {
     const int x = (i - 1) / width;
-    const uint32_t popped = expanded_s[x];
+    const uint32_t popped = frontier.expanded[x];
     node_s[i] = ((popped & 0xffff) + 1) << 16 | ((popped >> 16) + 1) << 8 | static_cast<uint32_t>(i - 1 - x * width);
   }
   if (tid == 0) node_s[0] = 0;  // parent -1, depth 0
