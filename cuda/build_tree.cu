@@ -135,7 +135,7 @@ __device__ int grow(Frontier& f, int depth, int width, int budget, int lane) {
   int n = 1 + min(width, budget - 1), entries = 0, expansions = 1;
   if (lane == 0) expanded[0] = 0;
   Key best = dead(), view = dead();  // this lane's best candidate; one candidate of the last popped entry's owner
-  int owner = -1;                    // that owner: its best is stale, `view` holds its candidates
+  int owner = -1;                    // that owner: its best is dead, `view` holds its candidates
   if (depth > 1 && n < budget) {     // the root's children can expand: they are entry 0
     best = lane == 0 ? encode(0.0 + lp[0], pack(1, 0, 0, 0)) : dead();
     if (lane == 0) {
@@ -149,7 +149,7 @@ __device__ int grow(Frontier& f, int depth, int width, int budget, int lane) {
     // The next pop is the best of the other lanes' bests and the owner's candidates; a second
     // argmax over the latter alone refreshes the owner's best.
     Key top, owner_best;
-    warp_best(best_of(lane == owner ? dead() : best, view), view, top, owner_best);
+    warp_best(best_of(best, view), view, top, owner_best);
     if (lane == owner) best = owner_best;
     if (top.score == 0) break;  // no candidate left: every unexpanded node is at depth D
     const int popped = static_cast<int>(top.w >> 20), entry = static_cast<int>(top.w >> 10) & 1023;
@@ -157,6 +157,7 @@ __device__ int grow(Frontier& f, int depth, int width, int budget, int lane) {
     const int popped_depth = row + 1;  // < D: frontier candidates are never at depth D
     const double score = decode(top);
     owner = entry & 31;
+    if (lane == owner) best = dead();  // it was the popped candidate; `view` stands in until refreshed
     // Every load of this pop first, so that they are in flight together: the popped entry's parent
     // score and next candidate, the first candidate of the popped node's children, and the owner's
     // candidates, one per lane.
