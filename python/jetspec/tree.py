@@ -3,7 +3,8 @@
 The contract is in ``cpp/build_tree.cpp``. The CPU kernel below is the reference: a
 binary heap in Python, exactly the published ``accum_logp`` builder, with scores
 accumulated in float64 (a Python float) so that any other kernel can reproduce
-every tie.
+every tie. The CUDA kernel (``cuda/build_tree.cu``) builds the same trees bit for bit,
+on the device, in one launch.
 """
 
 from __future__ import annotations
