@@ -24,9 +24,9 @@
 // expansion but the last adds exactly K nodes, so a node's index tells its expansion and rank.
 // Meanwhile the warps that do not share warp 0's scheduler zero the ancestor rows.
 // Phase 2 (whole block): each node's record (parent, depth, rank) is derived from its expansion;
-// then one thread per node writes its token, parent, depth and position
-// (coalesced) and its ancestor words: it walks its parent chain (at most D + 1 nodes, indices
-// decreasing), ORs the bits of each 32-node word in a register and stores each non-zero word once.
+// then one thread per node writes its token, parent, depth and position (coalesced) and its
+// ancestor words: it walks its parent chain (at most D + 1 nodes, indices decreasing), ORs the bits
+// of each 32-node word in a register and stores each non-zero word once.
 #include "build_tree.cuh"
 
 namespace jetspec::cuda {
