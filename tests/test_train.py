@@ -6,7 +6,8 @@ import pytest
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from jetspec import load_head
+from jetspec import SpeculativeGenerator, load_head
+from jetspec.acceptance import matched_depth, replay_acceptance
 from jetspec.drafter import HeadDrafter
 from jetspec.heads import DraftHead, head_config_for
 from jetspec.target import Target
@@ -175,3 +176,48 @@ def test_self_distill_is_the_target_greedy_output(model, tmp_path):
 def test_bad_config_is_rejected(bad):
     with pytest.raises(ValueError):
         TrainConfig(**bad)
+
+
+@pytest.fixture(scope="module")
+def trained_head(model, sequences):
+    trainer = HeadTrainer(model, new_head(model, seed=1), TrainConfig(anchors=16, lr=3e-3, warmup=0.1))
+    trainer.train(sequences, steps=60, progress=False)
+    return trainer.inference_head()
+
+
+def test_matched_depth_follows_the_true_path_only():
+    # root 0 -> {1: 'a', 2: 'b'}, 1 -> {3: 'c'}, 2 -> {4: 'c'}, 3 -> {5: 'd'}; node 6 is padding.
+    tokens = torch.tensor([[9, 1, 2, 3, 3, 4, 0]])
+    parents = torch.tensor([[-1, 0, 0, 1, 2, 3, -1]])
+    depths = torch.tensor([[0, 1, 1, 2, 2, 3, 0]])
+    num_nodes = torch.tensor([6])
+    assert matched_depth(tokens, parents, depths, num_nodes, torch.tensor([[9, 1, 3, 4]])).tolist() == [3]
+    assert matched_depth(tokens, parents, depths, num_nodes, torch.tensor([[9, 2, 3, 4]])).tolist() == [2]  # 'b c'
+    assert matched_depth(tokens, parents, depths, num_nodes, torch.tensor([[9, 1, 3, -1]])).tolist() == [2]
+    assert matched_depth(tokens, parents, depths, num_nodes, torch.tensor([[9, 5, 3, 4]])).tolist() == [0]
+    assert matched_depth(tokens, parents, depths, num_nodes, torch.tensor([[9, 1]])).tolist() == [1]  # D = 1
+
+
+def test_replay_gives_the_decoders_rounds(model, sequences, trained_head):
+    """Teacher-forced replay = the rounds SpeculativeGenerator really runs, for every budget and width."""
+    configs = [(1, 1), (2, 1), (4, 1), (6, 1), (8, 2), (16, 2), (32, 4), (64, 8)]
+    depth = trained_head.spec.depth
+    longest = 0
+    for seq in sequences:  # each is its prompt + 24 greedy tokens
+        new = len(seq.tokens) - seq.prompt_len - depth - 1
+        prompt = torch.tensor([seq.tokens[:seq.prompt_len]])
+        replayed = replay_acceptance(model, trained_head, seq.tokens, seq.prompt_len, new, configs)
+        for budget, width in configs:
+            gen = SpeculativeGenerator(model, trained_head if budget > 1 else None, budget=budget, width=width)
+            decoded = gen.generate(prompt, max_new_tokens=new, eos_token_id=[]).stats.accept_lengths
+            assert replayed[(budget, width)] == decoded, (budget, width)
+            longest = max(longest, *decoded)
+    assert longest > 2  # the trained head gets multi-token rounds accepted: the comparison has teeth
+
+
+def test_replay_rejects_bad_lengths(model, sequences, trained_head):
+    seq = sequences[0]
+    with pytest.raises(ValueError, match="prompt_len"):
+        replay_acceptance(model, trained_head, seq.tokens, seq.prompt_len, len(seq.tokens), [(4, 2)])
+    with pytest.raises(ValueError, match="prompt_len"):
+        replay_acceptance(model, trained_head, seq.tokens, 0, 4, [(4, 2)])

@@ -78,13 +78,18 @@ class HeadDrafter(Drafter):
         positions = torch.arange(self.length, self.length + spec.block_size, device=anchor.device).expand(batch, -1)
         context = [self.context.read(layer, self.length) for layer in range(spec.num_layers)]
         hidden = self.head(self.target.embed_tokens(ids), positions, context)
-        lm_head = self.target.lm_head
-        k = min(width, lm_head.weight.shape[0])
-        if getattr(lm_head, "bias", None) is None and has_kernel("draft_topk", hidden.device):
-            return ops.draft_topk(hidden[:, 1:], lm_head.weight, k)
-        # No fused kernel for this device (yet): the LM head in the model's dtype, then the top-K.
-        logits = lm_head(hidden[:, 1:]).float()
-        return torch.log_softmax(logits, dim=-1).topk(k, dim=-1)
+        return candidates(self.target, hidden[:, 1:], width)
+
+
+def candidates(target: Target, hidden: Tensor, width: int) -> tuple[Tensor, Tensor]:
+    """Top-``width`` full-vocabulary log-probs (float32, descending) and ids of the target's LM head
+    over the head's hidden states ``[B, D, H]``: the fused ``draft_topk`` op where the build has it."""
+    lm_head = target.lm_head
+    k = min(width, lm_head.weight.shape[0])
+    if getattr(lm_head, "bias", None) is None and has_kernel("draft_topk", hidden.device):
+        return ops.draft_topk(hidden, lm_head.weight, k)
+    # No fused kernel for this device: the LM head in the model's dtype, then the top-K.
+    return torch.log_softmax(lm_head(hidden).float(), dim=-1).topk(k, dim=-1)
 
 
 class OracleDrafter(Drafter):

@@ -141,6 +141,26 @@ def block_mask(anchors: Sequence[int], context_len: int, block_size: int, causal
     return torch.cat([context, same_block], dim=1)
 
 
+def anchored_blocks(head: DraftHead, target: Target, tokens: Tensor, tapped: Tensor, anchors: Tensor) -> Tensor:
+    """The head's final hidden states ``[B, n, block, H]`` for the block at every anchor of ``tokens``
+    ``[B, T]``, all in one packed forward: block j of row b is ``[tokens[b, a], mask, ...]`` at positions
+    a..a+block-1 (a = ``anchors[b, j]``), seeing the context rows < a of ``tapped`` ``[B, T, F]`` (the target's
+    tapped states of ``tokens``) and its own slots, exactly as a decoding round anchored at a does."""
+    spec = head.spec
+    batch, width = tokens.shape
+    blocks = anchors.shape[1]
+    device = tokens.device
+    positions = torch.arange(width, device=device).expand(batch, -1)
+    block_pos = (anchors[:, :, None] + torch.arange(spec.block_size, device=device)).flatten(1)
+    block_ids = torch.full_like(block_pos, spec.mask_token_id)
+    block_ids.view(batch, blocks, -1)[:, :, 0] = tokens.gather(1, anchors)
+    mask = torch.stack([block_mask(a.tolist(), width, spec.block_size, spec.causal, device)
+                        for a in anchors]).unsqueeze(1)  # [batch, 1, rows, width + rows]
+    context = head.context_key_values(tapped, positions)
+    hidden = head(target.embed_tokens(block_ids).to(tapped.dtype), block_pos, context, mask)
+    return hidden.view(batch, blocks, spec.block_size, -1)
+
+
 @dataclass
 class StepMetrics:
     loss: float
@@ -204,22 +224,13 @@ class HeadTrainer:
         # Sequences with fewer anchors repeat their last one; the repeats get no weight.
         real = torch.tensor([[j < len(a) for j in range(blocks)] for a in anchors], device=device)
         anchor_t = torch.tensor([list(a) + [a[-1]] * (blocks - len(a)) for a in anchors], device=device)
-        positions = torch.arange(width, device=device).expand(batch, -1)
         with torch.no_grad():  # right padding is never seen by real tokens under the causal mask
             teacher_logits, tapped = self.target.prefill(tokens, self.target.new_cache(batch, width),
                                                          spec.target_layer_ids)
-        offsets = torch.arange(spec.block_size, device=device)
-        block_pos = (anchor_t[:, :, None] + offsets).flatten(1)  # [batch, blocks * B]
-        block_ids = torch.full_like(block_pos, spec.mask_token_id)
-        block_ids.view(batch, blocks, -1)[:, :, 0] = tokens.gather(1, anchor_t)
-        mask = torch.stack([block_mask(a.tolist(), width, spec.block_size, spec.causal, device)
-                            for a in anchor_t]).unsqueeze(1)  # [batch, 1, rows, width + rows]
-
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            context = self.head.context_key_values(tapped.float(), positions)
-            hidden = self.head(self.target.embed_tokens(block_ids).float(), block_pos, context, mask)
-            preds = hidden.view(batch, blocks, spec.block_size, -1)[:, :, 1:]  # slots 1..D
-            logits = self.target.lm_head(preds).float()  # [batch, blocks, D, V]
+            hidden = anchored_blocks(self.head, self.target, tokens, tapped.float(), anchor_t)
+            logits = self.target.lm_head(hidden[:, :, 1:]).float()  # slots 1..D: [batch, blocks, D, V]
+        offsets = torch.arange(spec.block_size, device=device)
         target_pos = anchor_t[:, :, None] + offsets[1:]  # token a + d
         valid = (target_pos < lengths[:, None, None]) & real[:, :, None]
         target_pos = torch.minimum(target_pos, lengths[:, None, None] - 1)
