@@ -1,0 +1,134 @@
+"""Acceptance length and speed of draft heads on the paper's benchmark prompts (issue #6's matrix).
+
+    python -m bench.bench_acceptance --head causal=DIR --head bidirectional=DIR --out OUT
+        [--model DIR] [--prompts 50] [--new-tokens 256] [--timed-prompts 2] [--budgets ...] [--widths ...]
+
+For every benchmark (MT-Bench, HumanEval, GSM8K, MATH-500, AIME25; the first ``--prompts`` of each,
+chat template), the target's greedy continuation is generated once (HF ``generate``, batched), then
+every head's rounds for every (budget, width) are replayed from it (:mod:`jetspec.acceptance`: equal
+to the decoder's rounds), giving tau = tokens committed per round. Width 1 is chain drafting; budget 1
+is plain decoding. Speed is measured for real, on the first ``--timed-prompts`` prompts of each
+benchmark: the decoder's tokens/s per configuration (and that its output equals HF greedy's) against
+HF ``generate`` greedy in the same run. One JSON: ``OUT/acceptance.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from jetspec import SpeculativeGenerator, load_head
+from jetspec.acceptance import replay_acceptance
+from jetspec.cli import _encode
+from jetspec.datasets import load_benchmark
+from jetspec.spec import stop_tokens
+from jetspec.train import self_distill
+
+BENCHMARKS = ["mt-bench", "humaneval", "gsm8k", "math-500", "aime25"]
+
+
+def _load_target(folder: str | None, device: torch.device):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if folder is None:
+        from jetspec.default_model import default_model_dir
+
+        folder = str(default_model_dir())
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
+    return model, AutoTokenizer.from_pretrained(folder)
+
+
+def _greedy(model, prompts: list[list[int]], new_tokens: int, extra: int, eos: set[int]) -> list[tuple[list[int], int]]:
+    """Each prompt + its greedy continuation, and the tokens a generation of ``new_tokens`` emits (up to
+    its first stop token). Continuations run ``extra`` tokens further so the last round can be replayed."""
+    seqs = self_distill(model, prompts, max_new_tokens=new_tokens + extra, batch_size=64, eos_token_id=[],
+                        progress=False)
+    out = []
+    for s in seqs:
+        response = s.tokens[s.prompt_len:]
+        stop = next((i + 1 for i, t in enumerate(response) if t in eos), len(response))
+        out.append((s.tokens, min(new_tokens, stop, len(response) - 1)))
+    return out
+
+
+def _time_generation(fn, device: torch.device) -> tuple[object, float]:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    result = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return result, time.perf_counter() - t0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="target folder (default: the shipped SmolLM2-135M-Instruct)")
+    parser.add_argument("--head", action="append", required=True, help="NAME=FOLDER of a draft head (repeatable)")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--prompts", type=int, default=50, help="prompts per benchmark (fewer where a set is smaller)")
+    parser.add_argument("--new-tokens", type=int, default=256)
+    parser.add_argument("--timed-prompts", type=int, default=2, help="prompts per benchmark decoded for tok/s")
+    parser.add_argument("--budgets", type=int, nargs="+", default=[1, 4, 16, 64, 128, 256, 512])
+    parser.add_argument("--widths", type=int, nargs="+", default=[1, 4, 8])
+    parser.add_argument("--benchmarks", nargs="+", default=BENCHMARKS, choices=BENCHMARKS)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args()
+
+    device = torch.device(args.device)
+    model, tokenizer = _load_target(args.model, device)
+    heads = {}
+    for item in args.head:
+        name, _, folder = item.partition("=")
+        heads[name] = load_head(folder, dtype=torch.float32, device=device)
+    depth = max(h.spec.depth for h in heads.values())
+    eos = stop_tokens(model, tokenizer.eos_token_id)
+    configs = [(b, w) for b in args.budgets for w in args.widths if b > 1 or w == 1]
+    results = {"model": args.model or "SmolLM2-135M-Instruct (default)", "dtype": "float32", "device": str(device),
+               "new_tokens": args.new_tokens, "heads": {n: h.config.to_dict() for n, h in heads.items()},
+               "benchmarks": {}}
+    for bench in args.benchmarks:
+        prompts = [_encode(tokenizer, p.text, chat=True) for p in load_benchmark(bench)[:args.prompts]]
+        sequences = _greedy(model, prompts, args.new_tokens, depth + 1, eos)
+        entry = {"prompts": len(prompts), "tau": {}, "timed": {}}
+        for name, head in heads.items():
+            committed = {c: [] for c in configs}
+            for (tokens, emitted), prompt in tqdm(list(zip(sequences, prompts)), desc=f"{bench} / {name}: replay"):
+                for config, lengths in replay_acceptance(model, head, tokens, len(prompt), emitted, configs).items():
+                    committed[config] += lengths
+            entry["tau"][name] = {f"{b}x{w}": sum(v) / max(len(v), 1) for (b, w), v in committed.items()}
+        references = []  # (input ids, HF greedy output, HF seconds) of the timed prompts
+        for prompt in prompts[:args.timed_prompts]:
+            ids = torch.tensor([prompt], device=device)
+            hf, seconds = _time_generation(lambda: model.generate(
+                ids, do_sample=False, max_new_tokens=args.new_tokens, eos_token_id=sorted(eos),
+                pad_token_id=tokenizer.pad_token_id or 0), device)
+            references.append((ids, hf, seconds))
+        entry["timed"]["hf-generate"] = {
+            "tok_per_s": sum(hf.shape[1] - ids.shape[1] for ids, hf, _ in references) / sum(s for *_, s in references)}
+        runs = [("jetspec-ar", None, 1, 1)] + [(n, h, b, w) for n, h in heads.items() for b, w in configs if b > 1]
+        for name, head, budget, width in tqdm(runs, desc=f"{bench}: timed decoding"):
+            gen = SpeculativeGenerator(model, head, budget=budget, width=width)
+            rows = []
+            for ids, hf, _ in references:
+                out, seconds = _time_generation(lambda: gen.generate(ids, max_new_tokens=args.new_tokens,
+                                                                     eos_token_id=sorted(eos)), device)
+                rows.append({"tokens": out.stats.new_tokens, "seconds": seconds, "tau": out.stats.mean_accept_length,
+                             "same_as_hf": torch.equal(out.sequences, hf)})
+            entry["timed"][f"{name}/{budget}x{width}"] = {
+                "tok_per_s": sum(r["tokens"] for r in rows) / sum(r["seconds"] for r in rows),
+                "all_same_as_hf": all(r["same_as_hf"] for r in rows), "rows": rows}
+        results["benchmarks"][bench] = entry
+        print(json.dumps({bench: entry["tau"]}, indent=None))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "acceptance.json").write_text(json.dumps(results, indent=1))
+    print(f"wrote {args.out / 'acceptance.json'}")
+
+
+if __name__ == "__main__":
+    main()
