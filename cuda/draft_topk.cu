@@ -31,9 +31,14 @@
 // at least that large), which leaves at most K lists, at most K^2 survivors, typically about K; each
 // survivor's rank is then counted directly and it writes itself to its slot.
 #include "draft_topk.cuh"
+#include "ptx.cuh"
 
 namespace jetspec::cuda {
 namespace {
+
+using ptx::cp_async_wait;
+using ptx::ldmatrix_x4;
+using ptx::smem_addr;
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
@@ -137,10 +142,6 @@ __device__ __forceinline__ void merge_stats(float& m, float& s, float other_m, f
 
 // ---- streaming --------------------------------------------------------------------------------------
 
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
 // 16 bytes global -> shared, bypassing L1; zero-fills when !valid (src is then never read). The 256-byte
 // L2 prefetch fetches the next stage's piece of the same row with this one: longer DRAM bursts.
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
@@ -150,11 +151,6 @@ __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool v
 }
 
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-}
 
 // A row's 16-byte pieces sit XOR-swizzled by row: the 8 rows of an 8x8 ldmatrix (or the rows a warp's
 // lanes read in the float32 path) then hit 8 different bank groups.
@@ -191,27 +187,6 @@ __device__ __forceinline__ void load_stage(const Problem& p, unsigned char* stag
 //
 // acc[mt][nb][h * 2 + j]: hidden row mt * 16 + h * 8 + lane / 4 against weight row (of the tile)
 // warp * 16 + nb * 8 + 2 * (lane % 4) + j — the m16n8 accumulator fragment, for every dtype.
-
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-
-template <DraftTopkDtype D>
-__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  if constexpr (D == DraftTopkDtype::kBFloat16) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-}
 
 template <DraftTopkDtype D, int MT>
 __device__ __forceinline__ void stage_logits(const unsigned char* stage, float (&acc)[MT][2][4]) {
@@ -258,8 +233,8 @@ __device__ __forceinline__ void stage_logits(const unsigned char* stage, float (
       for (int mt = 0; mt < MT; ++mt) {
         uint32_t a[4];
         ldmatrix_x4(a, h_base + swizzle(mt * 16 + (q & 1) * 8 + r8, 2 * ks + (q >> 1)));
-        mma16816<D>(acc[mt][0], a, b[0], b[1]);
-        mma16816<D>(acc[mt][1], a, b[2], b[3]);
+        ptx::mma16816<D == DraftTopkDtype::kBFloat16>(acc[mt][0], a, b[0], b[1]);
+        ptx::mma16816<D == DraftTopkDtype::kBFloat16>(acc[mt][1], a, b[2], b[3]);
       }
     }
   }

@@ -21,6 +21,7 @@
 // bound; each block derives its key range from the actual prefix_len on the device, so any prefix
 // length stays correct (splits that get no keys write an empty partial).
 #include "tree_attention.cuh"
+#include "ptx.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -30,6 +31,9 @@
 
 namespace jetspec::cuda {
 namespace {
+
+using ptx::cp_async_wait;
+using ptx::smem_addr;
 
 constexpr float kLog2e = 1.4426950408889634f;
 
@@ -69,47 +73,12 @@ struct Params {
   float* part_lse;  // [splits, batch * nodes * q_heads], base 2
 };
 
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
 // Out-of-range rows are zero-filled (src-size 0): their products stay finite and are masked or dropped.
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
-}
 
-__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-__device__ __forceinline__ void ldsm_x4_trans(uint32_t (&r)[4], uint32_t addr) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(addr));
-}
-
-template <typename T>
-__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
-        "{%0, %1, %2, %3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-}
-
-// Two floats rounded to T, low half first (the element order of an mma fragment and of memory).
 template <typename T>
 __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
   uint32_t r;
@@ -255,15 +224,15 @@ __global__ void __launch_bounds__(Cfg::kThreads) tree_attention_kernel(const Par
         uint32_t qa[kMT][4];
 #pragma unroll
         for (int mt = 0; mt < kMT; ++mt)
-          ldsm_x4(qa[mt], s_q + ((q_lane + mt * 16 * Cfg::kRowBytes) ^ (kk << 5)));
+          ptx::ldmatrix_x4(qa[mt], s_q + ((q_lane + mt * 16 * Cfg::kRowBytes) ^ (kk << 5)));
 #pragma unroll
         for (int np = 0; np < kKeyTiles / 2; ++np) {
           uint32_t kb[4];
-          ldsm_x4(kb, k_tile + ((k_lane + np * 16 * Cfg::kRowBytes) ^ (kk << 5)));
+          ptx::ldmatrix_x4(kb, k_tile + ((k_lane + np * 16 * Cfg::kRowBytes) ^ (kk << 5)));
 #pragma unroll
           for (int mt = 0; mt < kMT; ++mt) {
-            mma16816<T>(s[mt][2 * np], qa[mt], kb[0], kb[1]);
-            mma16816<T>(s[mt][2 * np + 1], qa[mt], kb[2], kb[3]);
+            ptx::mma16816<std::is_same_v<T, __nv_bfloat16>>(s[mt][2 * np], qa[mt], kb[0], kb[1]);
+            ptx::mma16816<std::is_same_v<T, __nv_bfloat16>>(s[mt][2 * np + 1], qa[mt], kb[2], kb[3]);
           }
         }
       }
@@ -338,11 +307,11 @@ __global__ void __launch_bounds__(Cfg::kThreads) tree_attention_kernel(const Par
 #pragma unroll
         for (int dp = 0; dp < D / 16; ++dp) {
           uint32_t vb[4];
-          ldsm_x4_trans(vb, v_tile + ((v_lane + kk * 16 * Cfg::kRowBytes) ^ (dp << 5)));
+          ptx::ldmatrix_x4_trans(vb, v_tile + ((v_lane + kk * 16 * Cfg::kRowBytes) ^ (dp << 5)));
 #pragma unroll
           for (int mt = 0; mt < kMT; ++mt) {
-            mma16816<T>(o[mt][2 * dp], pa[mt], vb[0], vb[1]);
-            mma16816<T>(o[mt][2 * dp + 1], pa[mt], vb[2], vb[3]);
+            ptx::mma16816<std::is_same_v<T, __nv_bfloat16>>(o[mt][2 * dp], pa[mt], vb[0], vb[1]);
+            ptx::mma16816<std::is_same_v<T, __nv_bfloat16>>(o[mt][2 * dp + 1], pa[mt], vb[2], vb[3]);
           }
         }
       }
