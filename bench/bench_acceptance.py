@@ -24,23 +24,12 @@ from tqdm.auto import tqdm
 
 from jetspec import SpeculativeGenerator, load_head
 from jetspec.acceptance import replay_acceptance
-from jetspec.cli import _encode
+from jetspec.cli import _encode, _load_target
 from jetspec.datasets import load_benchmark
 from jetspec.spec import stop_tokens
 from jetspec.train import self_distill
 
 BENCHMARKS = ["mt-bench", "humaneval", "gsm8k", "math-500", "aime25"]
-
-
-def _load_target(folder: str | None, device: torch.device):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if folder is None:
-        from jetspec.default_model import default_model_dir
-
-        folder = str(default_model_dir())
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).to(device).eval()
-    return model, AutoTokenizer.from_pretrained(folder)
 
 
 def _greedy(model, prompts: list[list[int]], new_tokens: int, extra: int, eos: set[int]) -> list[tuple[list[int], int]]:
@@ -81,7 +70,7 @@ def main() -> None:
     args = parser.parse_args()
 
     device = torch.device(args.device)
-    model, tokenizer = _load_target(args.model, device)
+    model, tokenizer = _load_target(argparse.Namespace(model=args.model, device=args.device, dtype="float32"))
     heads = {}
     for item in args.head:
         name, _, folder = item.partition("=")
