@@ -13,15 +13,20 @@ of kernel or shape flips near-tied argmaxes; as the yardstick for that, HF's
 own greedy output with its eager attention is compared with HF's sdpa one. For
 every divergence from HF the top-1/top-2 gap of HF's logits there is recorded:
 a gap of a few bf16 ulps says a near-tie flipped, a large one would say a bug.
+In bf16 the verify forward runs the ``tree_attention`` op; the largest oracle tree
+also runs with the SDPA reference attention, the peer, in the same run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
+from unittest import mock
 
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
+import jetspec.attention
 from jetspec import DraftHead, SpeculativeGenerator
 from jetspec.drafter import OracleDrafter
 from jetspec.heads import head_config_for
@@ -91,13 +96,18 @@ def _variant(name: str, dtype: torch.dtype, new: int, device) -> list[dict]:
         rows[-1]["hf_top2_gap_at_divergence"] = _top2_gap(model, hf, vs_hf["first_divergence"])
 
     ar_tokens, _ = _timed_generate(SpeculativeGenerator(model, None, budget=1), prompt, new)
-    configs = [("AR (driver)", None, 1, 1), ("random head", head, 64, 8)]
-    configs += [("oracle", OracleDrafter(ar_tokens, 15, config.vocab_size), b, w) for b, w in ((16, 1), (64, 4),
-                                                                                               (256, 8))]
-    for label, drafter, budget, width in configs:
-        tokens, stats = _timed_generate(SpeculativeGenerator(model, drafter, budget=budget, width=width), prompt, new)
-        _, profiled = _timed_generate(SpeculativeGenerator(model, drafter, budget=budget, width=width, profile=True),
-                                      prompt, new)
+    configs = [("AR (driver)", None, 1, 1, False), ("random head", head, 64, 8, False)]
+    configs += [("oracle", OracleDrafter(ar_tokens, 15, config.vocab_size), b, w, False) for b, w in ((16, 1), (64, 4),
+                                                                                                      (256, 8))]
+    if dtype != torch.float32:
+        configs.append(("oracle (SDPA verify)", OracleDrafter(ar_tokens, 15, config.vocab_size), 256, 8, True))
+    for label, drafter, budget, width, sdpa in configs:
+        # The peer: the same rounds with the verify attention in torch SDPA instead of the op.
+        with mock.patch.object(jetspec.attention, "_op_applies", lambda *_: False) if sdpa else contextlib.nullcontext():
+            tokens, stats = _timed_generate(SpeculativeGenerator(model, drafter, budget=budget, width=width), prompt,
+                                            new)
+            _, profiled = _timed_generate(SpeculativeGenerator(model, drafter, budget=budget, width=width,
+                                                               profile=True), prompt, new)
         vs_hf = _agreement(tokens, reference)
         row = {
             "variant": name, "config": label, "budget": budget, "width": width,

@@ -150,6 +150,23 @@ def test_resume_continues_exactly(model, sequences, tmp_path, per_step):
     assert shipped.spec == first.head.spec and next(shipped.parameters()).dtype == torch.float32
 
 
+def test_standardized_fc_is_folded_into_the_published_head(model, sequences):
+    """The trainer learns fc in per-feature-RMS units; the head it hands out computes the same loss on raw
+    tapped states (the fold is exact), and measuring the scale twice is refused."""
+    trainer = HeadTrainer(model, new_head(model, seed=4), TrainConfig(anchors=8, lr=2e-3))
+    trainer.train(sequences, steps=2, progress=False)
+    scale = trainer.input_scale
+    assert scale is not None and scale.shape == (len(trainer.head.spec.target_layer_ids) * model.config.hidden_size,)
+    published = trainer.inference_head()
+    torch.testing.assert_close(published.fc.weight, trainer.head.fc.weight / scale)
+    plain = HeadTrainer(model, published, TrainConfig(anchors=8, standardize_inputs=False))
+    seq = sequences[0]
+    anchors = list(range(seq.prompt_len, seq.prompt_len + 5))
+    torch.testing.assert_close(trainer.sequence_loss(seq, anchors)[0], plain.sequence_loss(seq, anchors)[0])
+    with pytest.raises(RuntimeError, match="already fitted"):
+        trainer.fit_input_scale(sequences)
+
+
 def test_resume_rejects_another_head(model, sequences, tmp_path):
     trainer = HeadTrainer(model, new_head(model, block=6), TrainConfig(anchors=4))
     trainer.train(sequences, steps=1, checkpoint_dir=tmp_path, progress=False)
@@ -169,6 +186,13 @@ def test_self_distill_is_the_target_greedy_output(model, tmp_path):
     eos = data[0].tokens[len(prompts[0]) + 2]
     stopped = self_distill(model, prompts[:1], max_new_tokens=10, eos_token_id=eos, progress=False)[0]
     assert stopped.tokens[-1] == eos and len(stopped.tokens) <= len(prompts[0]) + 3
+    # [] means no stop token at all, even where the model's generation config names one.
+    model.generation_config.eos_token_id = eos
+    try:
+        unstopped = self_distill(model, prompts[:1], max_new_tokens=10, eos_token_id=[], progress=False)[0]
+    finally:
+        model.generation_config.eos_token_id = None
+    assert unstopped.tokens == data[0].tokens
 
 
 @pytest.mark.parametrize("bad", [dict(loss="mse"), dict(weighting="linear"), dict(gamma=0), dict(anchors=0),

@@ -8,6 +8,10 @@ the committed prefix (no mask) plus the new tokens under their ancestor mask. A
 causal prefill is the special case of a chain-shaped mask; one AR step is a
 one-node tree. No HF module is patched: the model's attention implementation
 is switched to ours only for the duration of each of our forwards.
+
+Trees that come with packed ancestor bits run the ``jetspec.tree_attention`` op
+where it applies (bf16/fp16, head_dim 64 or 128, at most 1024 nodes, a kernel for
+the device); everything else (prefills, fp32 models) runs the SDPA reference.
 """
 
 from __future__ import annotations
@@ -21,9 +25,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import AttentionInterface
 
+from . import ops
+from ._ext import has_kernel
 from .cache import KVCache
 
 ATTN_IMPLEMENTATION = "jetspec_tree"
+MAX_OP_NODES = 1024  # the tree_attention op's limit (cpp/tree_attention.cpp)
 
 
 @dataclass
@@ -33,6 +40,8 @@ class TreeBatch:
     cache: KVCache
     start: int  # cache slot of the first new token = length of the committed prefix
     visible: Tensor  # [batch, n, n] bool: new token i may attend new token j
+    ancestors: Tensor | None = None  # [batch, n, ceil(n / 32)] int32: the same mask, packed (trees only)
+    prefix_len: Tensor | None = None  # [batch] int64 on the device: ``start`` per row, for the op
 
 
 def reference_tree_attention(query: Tensor, key: Tensor, value: Tensor, prefix: int, visible: Tensor,
@@ -67,10 +76,20 @@ def tree_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value:
     layer = module.layer_idx
     n = query.shape[2]
     batch.cache.write(layer, batch.start, key, value)
-    keys, values = batch.cache.read(layer, batch.start + n)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if _op_applies(batch, query):
+        out = ops.tree_attention(query.transpose(1, 2), batch.cache.data[layer, 0], batch.cache.data[layer, 1],
+                                 batch.prefix_len, batch.ancestors, scale, max_prefix=batch.start)
+        return out, None
+    keys, values = batch.cache.read(layer, batch.start + n)
     out = reference_tree_attention(query, keys, values, batch.start, batch.visible, scale)
     return out.transpose(1, 2), None
+
+
+def _op_applies(batch: TreeBatch, query: Tensor) -> bool:
+    return (batch.ancestors is not None and query.dtype in (torch.bfloat16, torch.float16)
+            and query.shape[-1] in (64, 128) and query.shape[2] <= MAX_OP_NODES
+            and has_kernel("tree_attention", query.device))
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, tree_attention_forward)

@@ -120,12 +120,11 @@ def _encode(tokenizer, text: str, chat: bool) -> list[int]:
 
 
 def _mask_token_id(tokenizer, vocab_size: int) -> int:
-    """A token the head reads as "to be predicted": the tokenizer's mask or pad token if it has one,
-    else the last id of the embedding table (the head only needs its embedding to be fixed)."""
-    for token in (tokenizer.mask_token_id, tokenizer.pad_token_id):
-        if token is not None and token < vocab_size:
-            return token
-    return vocab_size - 1
+    """A token the head reads as "to be predicted": the tokenizer's mask token if it has one, else the
+    last id of the embedding table (the head only needs its embedding to be fixed). Not the pad token:
+    that is often the eos (SmolLM2's), a token the head has to predict, and tokenizer versions disagree on it."""
+    token = tokenizer.mask_token_id
+    return token if token is not None and token < vocab_size else vocab_size - 1
 
 
 def _tiny_model(args: argparse.Namespace) -> int:

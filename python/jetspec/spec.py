@@ -212,7 +212,8 @@ class SpeculativeGenerator:
             tree = self._draft_tree(anchor, n, stats)
             with self._phase("verify", stats):
                 visible = ancestor_mask(tree.ancestors, self.budget)
-                logits, tapped = target.forward(tree.tokens, tree.positions, cache, n, visible, taps)
+                logits, tapped = target.forward(tree.tokens, tree.positions, cache, n, visible, taps,
+                                                ancestors=tree.ancestors, prefix_len=tree.positions[:, 0])
                 predicted = logits.argmax(-1)
             with self._phase("accept", stats):
                 accepted, accept_len, bonus = ops.accept_greedy(

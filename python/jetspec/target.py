@@ -65,10 +65,13 @@ class Target:
 
     @torch.no_grad()
     def forward(self, tokens: Tensor, positions: Tensor, cache: KVCache, start: int, visible: Tensor,
-                tap_layers: Sequence[int] = ()) -> tuple[Tensor, Tensor]:
+                tap_layers: Sequence[int] = (), ancestors: Tensor | None = None,
+                prefix_len: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Run ``tokens`` ``[B, n]`` at ``positions`` ``[B, n]``; their K/V land in cache slots
         ``start .. start + n``, and token i attends the prefix ``[0, start)`` and the new tokens j
-        with ``visible[:, i, j]``.
+        with ``visible[:, i, j]``. A tree also passes ``visible`` packed as ``ancestors``
+        ``[B, n, ceil(n / 32)]`` int32 with ``prefix_len`` ``[B]`` (= ``start``, on the device) so that
+        its attention can run the ``tree_attention`` op.
 
         Returns:
             logits ``[B, n, V]`` and the outputs of the ``tap_layers`` decoder layers concatenated along
@@ -83,7 +86,8 @@ class Target:
                     input_ids=tokens,
                     position_ids=positions,
                     use_cache=False,
-                    jetspec=TreeBatch(cache=cache, start=start, visible=visible),
+                    jetspec=TreeBatch(cache=cache, start=start, visible=visible, ancestors=ancestors,
+                                      prefix_len=prefix_len),
                 )
         finally:
             for hook in hooks:

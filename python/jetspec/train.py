@@ -13,6 +13,13 @@ distribution (the paper's main results), and ``"ce"``, cross-entropy on the targ
 greedy tokens. Two depth weightings: ``"uniform"`` (the paper's) and ``"exp"``
 (w_d = exp(-(d - 1) / gamma), DFlash's, favouring the early depths that gate all
 later acceptance).
+
+The target's tapped states have a few "massive" dimensions (hundreds of times the
+median, e.g. SmolLM2's layer-27 dim 17), which make plain AdamW on ``fc`` move the
+projected context almost only along them. The trainer therefore learns ``fc`` in
+standardized input coordinates, W' = W diag(s) with s the per-feature RMS of the
+tapped states measured once on the training data, and folds s back into the
+published ``fc.weight`` whenever it hands out the head: inference is unchanged.
 """
 
 from __future__ import annotations
@@ -57,6 +64,7 @@ class TrainConfig:
     warmup: float = 0.04  # fraction of the steps
     grad_clip: float = 1.0
     seed: int = 0
+    standardize_inputs: bool = True  # learn fc in per-feature-RMS units of the tapped states (see module doc)
 
     def __post_init__(self) -> None:
         if self.loss not in ("kl", "ce"):
@@ -89,8 +97,10 @@ def self_distill(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_
         for row, i in enumerate(idx):
             ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
             attention[row, width - len(prompts[i]):] = 1
+        # HF generate reads eos None as "the model's eos", so "no stop token" is an id no logit can produce.
+        stop = sorted(eos) or [model.lm_head.weight.shape[0]]
         generated = model.generate(ids.to(device), attention_mask=attention.to(device), do_sample=False,
-                                   max_new_tokens=max_new_tokens, eos_token_id=sorted(eos) or None,
+                                   max_new_tokens=max_new_tokens, eos_token_id=stop,
                                    pad_token_id=pad_token_id)[:, width:].tolist()
         for row, i in enumerate(idx):
             response = []
@@ -192,6 +202,8 @@ class HeadTrainer:
         self.optimizer = torch.optim.AdamW(self.head.parameters(), lr=self.config.lr, betas=(0.9, 0.95),
                                            weight_decay=self.config.weight_decay)
         self.state = TrainState()
+        # Per-feature scale s of the tapped states; the head's fc holds W' = W diag(s) while training.
+        self.input_scale: Tensor | None = None
         self._shuffle: tuple[tuple[int, int] | None, list[int]] = (None, [])  # (epoch, n), that epoch's order
 
     # -- one step's batch ---------------------------------------------------------------------
@@ -228,7 +240,8 @@ class HeadTrainer:
             teacher_logits, tapped = self.target.prefill(tokens, self.target.new_cache(batch, width),
                                                          spec.target_layer_ids)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            hidden = anchored_blocks(self.head, self.target, tokens, tapped.float(), anchor_t)
+            tapped = tapped.float() if self.input_scale is None else tapped.float() / self.input_scale
+            hidden = anchored_blocks(self.head, self.target, tokens, tapped, anchor_t)
             logits = self.target.lm_head(hidden[:, :, 1:]).float()  # slots 1..D: [batch, blocks, D, V]
         offsets = torch.arange(spec.block_size, device=device)
         target_pos = anchor_t[:, :, None] + offsets[1:]  # token a + d
@@ -263,6 +276,8 @@ class HeadTrainer:
         and ``evaluate``'s results every ``eval_every`` steps."""
         if not sequences:
             raise ValueError("jetspec: no training sequences")
+        if self.config.standardize_inputs and self.input_scale is None and not hasattr(self.head, "hidden_dim_adapter"):
+            self.fit_input_scale(sequences)
         schedule = _warmup_cosine(steps, self.config.warmup)
         stop = steps if until is None else min(until, steps)
         bar = tqdm(total=stop, initial=self.state.step, desc="train-head", disable=not progress)
@@ -303,9 +318,34 @@ class HeadTrainer:
             picked.append(sequences[self._shuffle[1][index]])
         return picked
 
+    @torch.no_grad()
+    def fit_input_scale(self, sequences: Sequence[TrainingSequence], samples: int = 16) -> Tensor:
+        """Measure s (the RMS of each tapped feature over the first ``samples`` sequences, leaving out
+        position 0, the attention sink) and move ``fc`` into standardized coordinates, W' = W diag(s).
+        Not for heads narrower than their target: the shared per-tap adapter before ``fc`` cannot fold s."""
+        if self.input_scale is not None:
+            raise RuntimeError("jetspec: the input scale is already fitted")
+        total, count = None, 0
+        for seq in sequences[:samples]:
+            tokens = torch.tensor([seq.tokens], device=self.target.device)
+            _, tapped = self.target.prefill(tokens, self.target.new_cache(1, tokens.shape[1]),
+                                            self.head.spec.target_layer_ids)
+            squares = tapped[0, 1:].float().pow(2).sum(0)
+            total = squares if total is None else total + squares
+            count += tokens.shape[1] - 1
+        if not count:
+            raise ValueError("jetspec: the input scale needs sequences of at least 2 tokens")
+        self.input_scale = (total / count).sqrt().clamp(min=1e-3)
+        self.head.fc.weight.mul_(self.input_scale)
+        return self.input_scale
+
     def inference_head(self) -> DraftHead:
-        """A copy of the head in the target's dtype, in eval mode, for evaluation or saving."""
-        return copy.deepcopy(self.head).to(dtype=self.target.dtype).eval()
+        """A copy of the head in the target's dtype and the published coordinates (fc.weight = W' diag(1/s)),
+        in eval mode, for evaluation or saving."""
+        head = copy.deepcopy(self.head)
+        if self.input_scale is not None:
+            head.fc.weight.data.div_(self.input_scale)
+        return head.to(dtype=self.target.dtype).eval()
 
     # -- checkpoints --------------------------------------------------------------------------
 
@@ -320,6 +360,8 @@ class HeadTrainer:
             for key, value in self.optimizer.state.get(p, {}).items():
                 moments[f"{i}.{key}"] = value.detach().reshape(-1).float().cpu() if key == "step" else value.cpu()
         save_file(moments, str(folder / "trainer" / "optimizer.safetensors"))
+        if self.input_scale is not None:
+            save_file({"input_scale": self.input_scale.cpu()}, str(folder / "trainer" / "input_scale.safetensors"))
         (folder / "trainer" / "state.json").write_text(json.dumps(
             {"step": self.state.step, "history": self.state.history, "config": asdict(self.config)}, indent=1))
         return folder
@@ -337,6 +379,9 @@ class HeadTrainer:
             if entries:
                 entries["step"] = entries["step"].reshape(()).cpu()
                 self.optimizer.state[p] = entries
+        scale = folder / "input_scale.safetensors"
+        self.input_scale = load_file(str(scale), device=str(self.target.device))["input_scale"] \
+            if scale.exists() else None
         state = json.loads((folder / "state.json").read_text())
         self.state = TrainState(step=state["step"], history=state["history"])
 
