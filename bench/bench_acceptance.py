@@ -91,6 +91,8 @@ def main() -> None:
                 for config, lengths in replay_acceptance(model, head, tokens, len(prompt), emitted, configs).items():
                     committed[config] += lengths
             entry["tau"][name] = {f"{b}x{w}": sum(v) / max(len(v), 1) for (b, w), v in committed.items()}
+        results["benchmarks"][bench] = entry
+        _write(args.out, results)  # after every stage: a run cut short by a time limit keeps what it measured
         references = []  # (input ids, HF greedy output, HF seconds) of the timed prompts
         for prompt in prompts[:args.timed_prompts]:
             ids = torch.tensor([prompt], device=device)
@@ -98,6 +100,9 @@ def main() -> None:
                 ids, do_sample=False, max_new_tokens=args.new_tokens, eos_token_id=sorted(eos),
                 pad_token_id=tokenizer.pad_token_id or 0), device)
             references.append((ids, hf, seconds))
+        if not references:
+            print(json.dumps({bench: entry["tau"]}, indent=None))
+            continue
         entry["timed"]["hf-generate"] = {
             "tok_per_s": sum(hf.shape[1] - ids.shape[1] for ids, hf, _ in references) / sum(s for *_, s in references)}
         runs = [("jetspec-ar", None, 1, 1)] + [(n, h, b, w) for n, h in heads.items() for b, w in configs if b > 1]
@@ -112,11 +117,14 @@ def main() -> None:
             entry["timed"][f"{name}/{budget}x{width}"] = {
                 "tok_per_s": sum(r["tokens"] for r in rows) / sum(r["seconds"] for r in rows),
                 "all_same_as_hf": all(r["same_as_hf"] for r in rows), "rows": rows}
-        results["benchmarks"][bench] = entry
+            _write(args.out, results)
         print(json.dumps({bench: entry["tau"]}, indent=None))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "acceptance.json").write_text(json.dumps(results, indent=1))
     print(f"wrote {args.out / 'acceptance.json'}")
+
+
+def _write(folder: Path, results: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "acceptance.json").write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":
