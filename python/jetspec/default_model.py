@@ -44,6 +44,9 @@ MODEL_NAME = "SmolLM2-135M-Instruct"
 #: Folder name under ``<cache>/models``; bump the suffix if the build recipe changes.
 DIR_NAME = "SmolLM2-135M-Instruct-fp32"
 PROVENANCE_FILE = "jetspec_source.json"
+#: The causal JetSpec draft head this project trained for the default model, shipped in the package
+#: (3 layers, block 16, bf16; recipe and measurements in bench/results/h100/train_heads and acceptance).
+DEFAULT_HEAD_DIR = Path(__file__).resolve().parent / "default_head"
 
 
 def _is_complete(folder: Path) -> bool:
@@ -273,3 +276,10 @@ def load_default_model(dtype: torch.dtype = torch.float32, device: str | torch.d
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     return model, tokenizer
+
+
+def load_default_head(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """The shipped causal JetSpec head for :func:`load_default_model`'s model, on ``device`` in ``dtype``."""
+    from .heads import load_head
+
+    return load_head(DEFAULT_HEAD_DIR, dtype=dtype, device=device)
