@@ -12,6 +12,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 
 import jetspec
 from jetspec import ops
+from jetspec.attention import OP_GROUPS
 from jetspec.heads import DraftHead, head_config_for
 from jetspec.target import Target
 from jetspec.tree import ancestor_mask, build_tree
@@ -19,11 +20,12 @@ from jetspec.tree import ancestor_mask, build_tree
 from conftest import DEVICES
 
 
-def qwen3_model(head_dim: int, dtype: torch.dtype, device: torch.device) -> Qwen3ForCausalLM:
-    """8 query heads over 2 KV heads, 2 layers, random weights (a scaled LM head spreads the logits)."""
+def qwen3_model(head_dim: int, dtype: torch.dtype, device: torch.device, q_heads: int = 8) -> Qwen3ForCausalLM:
+    """``q_heads`` query heads over 2 KV heads, 2 layers, random weights (a scaled LM head spreads the logits)."""
     torch.manual_seed(head_dim)
     cfg = Qwen3Config(vocab_size=160, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                      num_attention_heads=8, num_key_value_heads=2, head_dim=head_dim, max_position_embeddings=1024,
+                      num_attention_heads=q_heads, num_key_value_heads=2, head_dim=head_dim,
+                      max_position_embeddings=1024,
                       eos_token_id=None, bos_token_id=None, pad_token_id=0)
     model = Qwen3ForCausalLM(cfg).eval()
     with torch.no_grad():
@@ -100,3 +102,23 @@ def test_generation_through_the_op_is_lossless(device, head_dim, budget, width):
         out = generator.generate(prompt, max_new_tokens=new, eos_token_id=[])
     assert_greedy_up_to_ties(out.sequences[0].tolist(), expected, prompt.shape[1])
     assert spy.call_count == model.config.num_hidden_layers * out.stats.rounds
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_unverified_gqa_groups_take_the_reference(device):
+    """A GQA group outside ``OP_GROUPS`` (here 3, SmolLM2's) verifies through SDPA, still lossless."""
+    assert 3 not in OP_GROUPS
+    device = torch.device(device)
+    model = qwen3_model(64, torch.bfloat16, device, q_heads=6)
+    torch.manual_seed(5)
+    head = DraftHead(head_config_for(model.config, num_layers=1, block_size=8, causal=True, mask_token_id=159))
+    prompt = torch.randint(0, 159, (1, 15), generator=torch.Generator().manual_seed(5)).to(device)
+    with torch.no_grad():
+        expected = model.generate(prompt, do_sample=False, max_new_tokens=24, min_new_tokens=24, pad_token_id=0,
+                                  attention_mask=torch.ones_like(prompt), output_scores=True,
+                                  return_dict_in_generate=True)
+    with mock.patch.object(ops, "tree_attention", wraps=ops.tree_attention) as spy:
+        out = jetspec.SpeculativeGenerator(model, head, budget=16, width=4).generate(prompt, max_new_tokens=24,
+                                                                                    eos_token_id=[])
+    assert spy.call_count == 0
+    assert_greedy_up_to_ties(out.sequences[0].tolist(), expected, prompt.shape[1])

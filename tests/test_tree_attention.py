@@ -83,7 +83,7 @@ def assert_close_rows(got, want, dtype):
 @pytest.mark.parametrize(
     "nodes,prefixes,q_heads,kv_heads,dim",
     [(1, [0, 5], 4, 1, 64), (7, [3, 0], 8, 8, 64), (33, [40, 9], 8, 2, 128), (64, [1, 63], 4, 4, 64),
-     (130, [100, 17], 8, 1, 128)],
+     (130, [100, 17], 8, 1, 128), (17, [20, 3], 9, 3, 64)],
 )
 def test_cpu_matches_dense_sdpa(dtype, nodes, prefixes, q_heads, kv_heads, dim, gen):
     query, key_cache, value_cache, prefix_len, ancestors, visible = make_case(
@@ -207,7 +207,8 @@ NODES = [1, 2, 16, 17, 64, 255, 256, 1024]
 PREFIXES = [0, 1, 63, 4096]
 # (head_dim, kv heads, query heads per kv head, dtype): every N x prefix pair meets one of these in turn.
 VARIANTS = [(128, 2, 4, torch.bfloat16), (64, 1, 8, torch.float16), (128, 3, 1, torch.float16),
-            (64, 2, 4, torch.bfloat16), (128, 1, 8, torch.bfloat16), (64, 4, 1, torch.bfloat16)]
+            (64, 2, 4, torch.bfloat16), (128, 1, 8, torch.bfloat16), (64, 4, 1, torch.bfloat16),
+            (64, 3, 3, torch.bfloat16), (128, 2, 2, torch.float16)]  # SmolLM2's 9 / 3 heads; group 2
 
 
 @requires_cuda
@@ -229,7 +230,7 @@ def test_cuda_matches_reference(nodes, prefix, gen):
 
 @requires_cuda
 @pytest.mark.parametrize("dim", [64, 128])
-@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("group", [1, 2, 3, 4, 8])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_cuda_head_dims_groups_dtypes(dim, group, dtype, gen):
     for nodes, prefixes in ((3, [100, 0]), (40, [700, 1500])):

@@ -10,8 +10,9 @@ one-node tree. No HF module is patched: the model's attention implementation
 is switched to ours only for the duration of each of our forwards.
 
 Trees that come with packed ancestor bits run the ``jetspec.tree_attention`` op
-where it applies (bf16/fp16, head_dim 64 or 128, at most 1024 nodes, a kernel for
-the device); everything else (prefills, fp32 models) runs the SDPA reference.
+where it applies (bf16/fp16, head_dim 64 or 128, at most 1024 nodes, a GQA group in
+``OP_GROUPS``, a kernel for the device); everything else (prefills, fp32 models)
+runs the SDPA reference.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ from .cache import KVCache
 
 ATTN_IMPLEMENTATION = "jetspec_tree"
 MAX_OP_NODES = 1024  # the tree_attention op's limit (cpp/tree_attention.cpp)
+# GQA group sizes the op's CUDA kernel has been verified for on a GPU. Other sizes (e.g. SmolLM2's 3, where a
+# node's query heads straddle row tiles) take the SDPA path until the CUDA tests that cover them have run.
+OP_GROUPS = (1, 2, 4, 8)
 
 
 @dataclass
@@ -87,8 +91,9 @@ def tree_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value:
 
 
 def _op_applies(batch: TreeBatch, query: Tensor) -> bool:
+    group = query.shape[1] // batch.cache.data.shape[4]  # query heads per KV head
     return (batch.ancestors is not None and query.dtype in (torch.bfloat16, torch.float16)
-            and query.shape[-1] in (64, 128) and query.shape[2] <= MAX_OP_NODES
+            and query.shape[-1] in (64, 128) and query.shape[2] <= MAX_OP_NODES and group in OP_GROUPS
             and has_kernel("tree_attention", query.device))
 
 
