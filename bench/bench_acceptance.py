@@ -93,6 +93,7 @@ def main() -> None:
             entry["tau"][name] = {f"{b}x{w}": sum(v) / max(len(v), 1) for (b, w), v in committed.items()}
         results["benchmarks"][bench] = entry
         _write(args.out, results)  # after every stage: a run cut short by a time limit keeps what it measured
+        print(json.dumps({bench: entry["tau"]}, indent=None))
         references = []  # (input ids, HF greedy output, HF seconds) of the timed prompts
         for prompt in prompts[:args.timed_prompts]:
             ids = torch.tensor([prompt], device=device)
@@ -101,7 +102,6 @@ def main() -> None:
                 pad_token_id=tokenizer.pad_token_id or 0), device)
             references.append((ids, hf, seconds))
         if not references:
-            print(json.dumps({bench: entry["tau"]}, indent=None))
             continue
         entry["timed"]["hf-generate"] = {
             "tok_per_s": sum(hf.shape[1] - ids.shape[1] for ids, hf, _ in references) / sum(s for *_, s in references)}
@@ -118,7 +118,6 @@ def main() -> None:
                 "tok_per_s": sum(r["tokens"] for r in rows) / sum(r["seconds"] for r in rows),
                 "all_same_as_hf": all(r["same_as_hf"] for r in rows), "rows": rows}
             _write(args.out, results)
-        print(json.dumps({bench: entry["tau"]}, indent=None))
     print(f"wrote {args.out / 'acceptance.json'}")
 
 

@@ -29,6 +29,7 @@ from transformers import AttentionInterface
 from . import ops
 from ._ext import has_kernel
 from .cache import KVCache
+from .tree import ancestor_mask
 
 ATTN_IMPLEMENTATION = "jetspec_tree"
 MAX_OP_NODES = 1024  # the tree_attention op's limit (cpp/tree_attention.cpp)
@@ -44,9 +45,16 @@ class TreeBatch:
 
     cache: KVCache
     start: int  # cache slot of the first new token = length of the committed prefix
-    visible: Tensor  # [batch, n, n] bool: new token i may attend new token j
+    visible: Tensor | None = None  # [batch, n, n] bool: new token i may attend new token j
     ancestors: Tensor | None = None  # [batch, n, ceil(n / 32)] int32: the same mask, packed (trees only)
     prefix_len: Tensor | None = None  # [batch] int64 on the device: ``start`` per row, for the op
+
+    def dense_visible(self) -> Tensor:
+        """``visible``, unpacked from ``ancestors`` on first use when only those were given (the op needs no
+        dense mask, so a forward whose layers all take it never builds one)."""
+        if self.visible is None:
+            self.visible = ancestor_mask(self.ancestors, self.ancestors.shape[1])
+        return self.visible
 
 
 def reference_tree_attention(query: Tensor, key: Tensor, value: Tensor, prefix: int, visible: Tensor,
@@ -87,7 +95,7 @@ def tree_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value:
                                  batch.prefix_len, batch.ancestors, scale, max_prefix=batch.start)
         return out, None
     keys, values = batch.cache.read(layer, batch.start + n)
-    out = reference_tree_attention(query, keys, values, batch.start, batch.visible, scale)
+    out = reference_tree_attention(query, keys, values, batch.start, batch.dense_visible(), scale)
     return out.transpose(1, 2), None
 
 

@@ -29,7 +29,7 @@ from . import ops
 from .drafter import Drafter, HeadDrafter
 from .heads import DraftHead
 from .target import Target
-from .tree import Tree, ancestor_mask, build_tree, words_for
+from .tree import Tree, build_tree, words_for
 
 PHASES = ("prefill", "draft", "build", "verify", "accept", "compact")
 
@@ -211,8 +211,7 @@ class SpeculativeGenerator:
         while not done:
             tree = self._draft_tree(anchor, n, stats)
             with self._phase("verify", stats):
-                visible = ancestor_mask(tree.ancestors, self.budget)
-                logits, tapped = target.forward(tree.tokens, tree.positions, cache, n, visible, taps,
+                logits, tapped = target.forward(tree.tokens, tree.positions, cache, n, None, taps,
                                                 ancestors=tree.ancestors, prefix_len=tree.positions[:, 0])
                 predicted = logits.argmax(-1)
             with self._phase("accept", stats):

@@ -64,14 +64,14 @@ class Target:
         return self.forward(tokens, positions, cache, 0, visible, tap_layers)
 
     @torch.no_grad()
-    def forward(self, tokens: Tensor, positions: Tensor, cache: KVCache, start: int, visible: Tensor,
+    def forward(self, tokens: Tensor, positions: Tensor, cache: KVCache, start: int, visible: Tensor | None,
                 tap_layers: Sequence[int] = (), ancestors: Tensor | None = None,
                 prefix_len: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Run ``tokens`` ``[B, n]`` at ``positions`` ``[B, n]``; their K/V land in cache slots
         ``start .. start + n``, and token i attends the prefix ``[0, start)`` and the new tokens j
-        with ``visible[:, i, j]``. A tree also passes ``visible`` packed as ``ancestors``
-        ``[B, n, ceil(n / 32)]`` int32 with ``prefix_len`` ``[B]`` (= ``start``, on the device) so that
-        its attention can run the ``tree_attention`` op.
+        with ``visible[:, i, j]``. A tree passes that mask packed instead, as ``ancestors``
+        ``[B, n, ceil(n / 32)]`` int32 (``visible`` None) with ``prefix_len`` ``[B]`` (= ``start``, on the
+        device), so that its attention can run the ``tree_attention`` op.
 
         Returns:
             logits ``[B, n, V]`` and the outputs of the ``tap_layers`` decoder layers concatenated along
