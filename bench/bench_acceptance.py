@@ -1,7 +1,8 @@
 """Acceptance length and speed of draft heads on the paper's benchmark prompts (issue #6's matrix).
 
     python -m bench.bench_acceptance --head causal=DIR --head bidirectional=DIR --out OUT
-        [--model DIR] [--prompts 50] [--new-tokens 256] [--timed-prompts 2] [--budgets ...] [--widths ...]
+        [--model DIR] [--prompts 50] [--new-tokens 256] [--timed-prompts 2] [--timed-new-tokens N]
+        [--budgets ...] [--widths ...]
 
 For every benchmark (MT-Bench, HumanEval, GSM8K, MATH-500, AIME25; the first ``--prompts`` of each,
 chat template), the target's greedy continuation is generated once (HF ``generate``, batched), then
@@ -9,7 +10,9 @@ every head's rounds for every (budget, width) are replayed from it (:mod:`jetspe
 to the decoder's rounds), giving tau = tokens committed per round. Width 1 is chain drafting; budget 1
 is plain decoding. Speed is measured for real, on the first ``--timed-prompts`` prompts of each
 benchmark: the decoder's tokens/s per configuration (and that its output equals HF greedy's) against
-HF ``generate`` greedy in the same run. One JSON: ``OUT/acceptance.json``.
+HF ``generate`` greedy in the same run (``--timed-new-tokens`` shortens those generations: a timing pass
+decodes every configuration, and the driver's eager rounds make that the longest stage). One JSON:
+``OUT/acceptance.json``.
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=50, help="prompts per benchmark (fewer where a set is smaller)")
     parser.add_argument("--new-tokens", type=int, default=256)
     parser.add_argument("--timed-prompts", type=int, default=2, help="prompts per benchmark decoded for tok/s")
+    parser.add_argument("--timed-new-tokens", type=int, help="new tokens of a timed generation (default: --new-tokens)")
     parser.add_argument("--budgets", type=int, nargs="+", default=[1, 4, 16, 64, 128, 256, 512])
     parser.add_argument("--widths", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--benchmarks", nargs="+", default=BENCHMARKS, choices=BENCHMARKS)
@@ -70,6 +74,7 @@ def main() -> None:
     args = parser.parse_args()
 
     device = torch.device(args.device)
+    timed_tokens = args.timed_new_tokens or args.new_tokens
     model, tokenizer = _load_target(argparse.Namespace(model=args.model, device=args.device, dtype="float32"))
     heads = {}
     for item in args.head:
@@ -78,9 +83,10 @@ def main() -> None:
     depth = max(h.spec.depth for h in heads.values())
     eos = stop_tokens(model, tokenizer.eos_token_id)
     configs = [(b, w) for b in args.budgets for w in args.widths if b > 1 or w == 1]
-    results = {"model": args.model or "SmolLM2-135M-Instruct (default)", "dtype": "float32", "device": str(device),
-               "new_tokens": args.new_tokens, "heads": {n: h.config.to_dict() for n, h in heads.items()},
-               "benchmarks": {}}
+    results = {"model": args.model or "SmolLM2-135M-Instruct (default)", "dtype": "float32",
+               "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+               "new_tokens": args.new_tokens, "timed_new_tokens": timed_tokens,
+               "heads": {n: h.config.to_dict() for n, h in heads.items()}, "benchmarks": {}}
     for bench in args.benchmarks:
         prompts = [_encode(tokenizer, p.text, chat=True) for p in load_benchmark(bench)[:args.prompts]]
         sequences = _greedy(model, prompts, args.new_tokens, depth + 1, eos)
@@ -98,7 +104,7 @@ def main() -> None:
         for prompt in prompts[:args.timed_prompts]:
             ids = torch.tensor([prompt], device=device)
             hf, seconds = _time_generation(lambda: model.generate(
-                ids, do_sample=False, max_new_tokens=args.new_tokens, eos_token_id=sorted(eos),
+                ids, do_sample=False, max_new_tokens=timed_tokens, eos_token_id=sorted(eos),
                 pad_token_id=tokenizer.pad_token_id or 0), device)
             references.append((ids, hf, seconds))
         if not references:
@@ -110,7 +116,7 @@ def main() -> None:
             gen = SpeculativeGenerator(model, head, budget=budget, width=width)
             rows = []
             for ids, hf, _ in references:
-                out, seconds = _time_generation(lambda: gen.generate(ids, max_new_tokens=args.new_tokens,
+                out, seconds = _time_generation(lambda: gen.generate(ids, max_new_tokens=timed_tokens,
                                                                      eos_token_id=sorted(eos)), device)
                 rows.append({"tokens": out.stats.new_tokens, "seconds": seconds, "tau": out.stats.mean_accept_length,
                              "same_as_hf": torch.equal(out.sequences, hf)})

@@ -6,7 +6,7 @@
     compute-sanitizer --tool synccheck python -m bench.sanitize_tree_attention
 
 The shapes cover every block shape (decode, short tree, large tree), both head dims and dtypes, split
-and unsplit key ranges, a prefix that is not a multiple of the key tile, zero prefix, GQA 1/4/8 and
+and unsplit key ranges, a prefix that is not a multiple of the key tile, zero prefix, GQA 1/3/4/8 and
 cache slices with slots past the tree (never to be read). Each result is checked against the float32
 reference; the exit status is non-zero on a mismatch.
 """
@@ -26,7 +26,8 @@ SHAPES = [
     (1, [777, 5], 2, 4, 128, torch.bfloat16, None),  # decode: 16-row blocks, many splits
     (16, [1000, 63], 2, 4, 64, torch.float16, None),  # short tree: 64-row blocks
     (17, [0, 1], 1, 8, 128, torch.bfloat16, 0),  # one key tile, no split
-    (100, [300, 129], 2, 4, 128, torch.float16, None),  # 128-row blocks (32-key tiles), split
+    (100, [300, 129], 2, 4, 128, torch.float16, None),  # 128-row blocks (64-key wgmma tiles on sm_90a), split
+    (33, [500, 77], 2, 3, 128, torch.float16, None),  # GQA 3: node rows straddle the 128-row blocks
     (256, [2000, 70], 1, 8, 64, torch.bfloat16, 0),  # 128-row blocks (64-key tiles), no split
     (64, [4096, 3000], 8, 1, 128, torch.bfloat16, 4096),  # no GQA
 ]

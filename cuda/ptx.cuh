@@ -1,5 +1,6 @@
 // PTX wrappers the tensor-core kernels share (draft_topk, tree_attention): shared-memory addresses,
-// cp.async group waits, ldmatrix and the m16n8k16 MMA with fp32 accumulation.
+// cp.async group waits, ldmatrix, the m16n8k16 MMA with fp32 accumulation and, on sm_90a, the
+// warpgroup MMA (wgmma) with its shared-memory descriptors and fences.
 #pragma once
 
 #include <cstdint>
@@ -42,5 +43,80 @@ __device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], 
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   }
 }
+
+// Warpgroup MMA (sm_90a only: wgmma is an architecture-specific feature, absent from plain sm_90 code).
+// A warpgroup is 4 consecutive warps; warp w of it owns rows [16 w, 16 w + 16) of the 64-row tile, and
+// both the register operand A and the fp32 accumulators use the mma.m16n8k16 fragment layouts per 8
+// columns, so fragments move between mma.sync and wgmma code unchanged.
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define JETSPEC_WGMMA 1
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+// Orders this thread's generic-proxy shared-memory writes (cp.async included) before async-proxy
+// (wgmma) reads of them that a later barrier publishes.
+__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+
+// Descriptor of a shared-memory operand in the 128-byte swizzle: 8-row x 128-byte atoms, 1024-byte
+// aligned, 16-byte chunk c of row r stored at chunk c ^ (r & 7). `lead` is the byte stride between atoms
+// along M/N for an MN-major operand (unused when K-major), `stride` the byte stride between 8-row groups.
+__device__ __forceinline__ uint64_t smem_desc(uint32_t addr, uint32_t lead, uint32_t stride) {
+  return static_cast<uint64_t>((addr & 0x3ffff) >> 4) | (static_cast<uint64_t>(lead >> 4) << 16) |
+         (static_cast<uint64_t>(stride >> 4) << 32) | (1ull << 62);
+}
+
+#define JETSPEC_F4(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3])
+#define JETSPEC_F16(i) JETSPEC_F4(i), JETSPEC_F4(i + 4), JETSPEC_F4(i + 8), JETSPEC_F4(i + 12)
+#define JETSPEC_F32(i) JETSPEC_F16(i), JETSPEC_F16(i + 16)
+#define JETSPEC_F64(i) JETSPEC_F32(i), JETSPEC_F32(i + 32)
+#define JETSPEC_WGMMA_SS32(TY) \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n" \
+               "wgmma.mma_async.sync.aligned.m64n32k16.f32." TY "." TY "\n" \
+               "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15},\n" \
+               "%16, %17, p, 1, 1, 0, 0;\n}\n" \
+               : JETSPEC_F16(0) : "l"(a), "l"(b), "r"(1))
+#define JETSPEC_WGMMA_SS64(TY) \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n" \
+               "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY "\n" \
+               "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31},\n" \
+               "%32, %33, p, 1, 1, 0, 0;\n}\n" \
+               : JETSPEC_F32(0) : "l"(a), "l"(b), "r"(1))
+#define JETSPEC_WGMMA_RS64(TY) \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n" \
+               "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY "\n" \
+               "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31},\n" \
+               "{%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n" \
+               : JETSPEC_F32(0) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1))
+#define JETSPEC_WGMMA_RS128(TY) \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n" \
+               "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY "\n" \
+               "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63},\n" \
+               "{%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n" \
+               : JETSPEC_F64(0) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1))
+
+// d[64 x N] += A[64 x 16] * B[16 x N], A and B K-major in shared memory (descriptors a, b).
+template <int N, bool kBF16>
+__device__ __forceinline__ void wgmma_ss(float (&d)[N / 2], uint64_t a, uint64_t b) {
+  static_assert(N == 32 || N == 64, "instantiated shapes");
+  if constexpr (N == 32) {
+    if constexpr (kBF16) JETSPEC_WGMMA_SS32("bf16"); else JETSPEC_WGMMA_SS32("f16");
+  } else {
+    if constexpr (kBF16) JETSPEC_WGMMA_SS64("bf16"); else JETSPEC_WGMMA_SS64("f16");
+  }
+}
+
+// d[64 x N] += A[64 x 16] * B[16 x N], A in registers (this warp's m16k16 fragment), B MN-major in
+// shared memory (descriptor b).
+template <int N, bool kBF16>
+__device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t b) {
+  static_assert(N == 64 || N == 128, "instantiated shapes");
+  if constexpr (N == 64) {
+    if constexpr (kBF16) JETSPEC_WGMMA_RS64("bf16"); else JETSPEC_WGMMA_RS64("f16");
+  } else {
+    if constexpr (kBF16) JETSPEC_WGMMA_RS128("bf16"); else JETSPEC_WGMMA_RS128("f16");
+  }
+}
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
 }  // namespace jetspec::cuda::ptx

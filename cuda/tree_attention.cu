@@ -6,12 +6,16 @@
 // head of its kv head (GQA costs no extra K/V traffic). A block owns kRows consecutive rows of one
 // (sequence, kv head); a warp owns 16 or 32 of them (one or two m16 tiles: with two, every K/V
 // fragment read from shared memory feeds two tensor-core products, which halves the shared-memory
-// traffic per FLOP and is what makes the large tile compute-bound rather than ldmatrix-bound).
+// traffic per FLOP and is what makes the large tile compute-bound rather than ldmatrix-bound). The
+// m-tiles interleave across a block's 4 warps so that each set of 4 forms one 64-row wgmma tile.
 //
-// Keys. Tiles of kKeys keys stream through a kStages-deep cp.async ring (16-byte copies, XOR-swizzled
-// 16-byte chunks so that ldmatrix reads hit 8 distinct bank groups). S = Q K^T and O += P V run on
-// mma.sync m16n8k16 with fp32 accumulators; the online softmax is in fp32 and base 2 (the scale is
-// folded into the exponent). Tiles entirely inside the prefix need no mask; the few that reach the
+// Keys. Tiles of kKeys keys stream through a kStages-deep cp.async ring (16-byte copies into 128-byte
+// rows with XOR-swizzled 16-byte chunks: ldmatrix reads hit 8 distinct bank groups, and the layout is
+// wgmma's 128-byte swizzle). On sm_90a the 4-warp blocks run S = Q K^T as warpgroup MMAs with both
+// operands in shared memory and O += P V with P from the score registers and V read in place
+// (transposed descriptor); elsewhere, and for the 1-warp decode block, both run on mma.sync m16n8k16.
+// Accumulators are fp32; the online softmax is in fp32 and base 2 (the scale is folded into the
+// exponent). Tiles entirely inside the prefix need no mask; the few that reach the
 // tree block test the ancestor bits, fetched as one 64-bit window per row and tile. Node order puts
 // every ancestor before its descendants, so a block's keys end right after its last node's own key.
 //
@@ -41,12 +45,15 @@ template <int kHeadDim_, int kWarps_, int kMTiles_, int kKeys_, int kStages_>
 struct Tile {
   static constexpr int kHeadDim = kHeadDim_, kWarps = kWarps_, kMTiles = kMTiles_, kKeys = kKeys_,
                        kStages = kStages_;
+  static constexpr bool kWarpgroup = kWarps == 4;  // can run wgmma (on sm_90a)
   static constexpr int kThreads = 32 * kWarps;
   static constexpr int kRows = 16 * kMTiles * kWarps;
   static constexpr int kChunks = kHeadDim / 8;  // 16-byte chunks per row
   static constexpr int kRowBytes = kHeadDim * 2;
   static constexpr int kKvBytes = kKeys * kRowBytes;  // one K (or V) tile in shared memory
   static constexpr int kSmem = kRows * kRowBytes + 2 * kStages * kKvBytes;
+  // Tiles are stored as head_dim / 64 column regions of 128-byte rows (the wgmma 128-byte swizzle atom).
+  static constexpr int kQRegion = kRows * 128, kKvRegion = kKeys * 128;
   static_assert(kKeys == 32 || kKeys == 64, "the ancestor window is 64 bits");
   static_assert((kRows * kChunks) % kThreads == 0 && (kKeys * kChunks) % kThreads == 0, "even copy split");
   static_assert(kThreads % kChunks == 0, "a thread copies one chunk column");
@@ -55,14 +62,21 @@ struct Tile {
 // Block shapes, by rows (query heads per kv head x nodes): decoding (<= 16 rows) and short trees
 // (<= 64) are bound by K/V bytes, so they keep deep pipelines and waste few tensor-core rows; larger
 // trees take the compute-bound 128-row tile (two m-tiles per warp, two blocks per SM). At head_dim 128
-// its O accumulators alone take 128 registers a thread, and 64-key score tiles (64 more) spill: it
-// uses 32-key tiles and a deeper ring instead.
-enum TileKind : int { kSmall = 0, kMedium = 1, kLarge = 2 };
+// its O accumulators alone take 128 registers a thread. With mma.sync, 64-key score tiles (64 more,
+// plus the K/V fragments) spill, so that tile uses 32-key tiles and a deeper ring. With wgmma (sm_90a)
+// the operands stay in shared memory and 64-key tiles fit (249 registers): half the barriers and
+// softmax passes per key, and an S product wide enough that reading Q from shared memory no longer
+// bounds it; two stages keep two blocks per SM within shared memory. Measured on an H100 (N = 256,
+// 32k prefix): 280 us with it against 362 us with the 32-key tile.
+enum TileKind : int { kSmall = 0, kMedium = 1, kLarge = 2, kLargeWgmma = 3 };
 template <int D> using SmallTile = Tile<D, 1, 1, 64, 3>;
 template <int D> using MediumTile = Tile<D, 4, 1, 64, 3>;
 template <int D> using LargeTile = std::conditional_t<D == 128, Tile<D, 4, 2, 32, 4>, Tile<D, 4, 2, 64, 3>>;
+template <int D> using LargeWgmmaTile = Tile<D, 4, 2, 64, 2>;
 
-int tile_kind(int rows) { return rows <= 16 ? kSmall : (rows <= 64 ? kMedium : kLarge); }
+int tile_kind(int rows, bool wgmma) {
+  return rows <= 16 ? kSmall : (rows <= 64 ? kMedium : (wgmma ? kLargeWgmma : kLarge));
+}
 int tile_rows(int kind) { return kind == kSmall ? 16 : (kind == kMedium ? 64 : 128); }
 
 struct Params {
@@ -92,10 +106,18 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
   return r;
 }
 
-// Byte offset of 16-byte chunk `chunk` of row `row` in a swizzled [rows][kHeadDim] tile.
+// Byte offset of 16-byte chunk `chunk` of row `row` in a tile stored as 64-column regions of `region`
+// bytes, 128-byte rows, chunks XOR-swizzled by the row: the layout both ldmatrix (8 distinct bank groups
+// per 8 rows) and wgmma's 128-byte-swizzle descriptors read.
+__device__ __forceinline__ uint32_t swizzle(int row, int chunk, int region) {
+  return (chunk >> 3) * region + row * 128 + (((chunk & 7) ^ (row & 7)) << 4);
+}
+
+// First row of warp `warp`'s m-tile `mt` within the block: m-tiles are interleaved across the warps so
+// that each m-tile of the block's 4 warps is one 64-row wgmma tile.
 template <typename Cfg>
-__device__ __forceinline__ uint32_t swizzle(int row, int chunk) {
-  return row * Cfg::kRowBytes + ((chunk ^ (row & 7)) << 4);
+__device__ __forceinline__ int tile_row(int warp, int mt) {
+  return 16 * (mt * Cfg::kWarps + warp);
 }
 
 // Bit x set <=> key (prefix + first + x) is visible to `node`: a prefix key (first + x < 0), or tree
@@ -118,7 +140,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) tree_attention_kernel(const Par
   constexpr int D = Cfg::kHeadDim, kMT = Cfg::kMTiles, kKeys = Cfg::kKeys, kStages = Cfg::kStages;
   constexpr int kKeyTiles = kKeys / 8;  // 8-key column tiles of S
   constexpr int kDimTiles = D / 8;      // 8-dim column tiles of O
-  extern __shared__ __align__(128) unsigned char smem[];
+  extern __shared__ __align__(1024) unsigned char smem[];
   const uint32_t s_q = smem_addr(smem);
   const uint32_t s_k = s_q + Cfg::kRows * Cfg::kRowBytes;
   const uint32_t s_v = s_k + kStages * Cfg::kKvBytes;
@@ -140,6 +162,11 @@ __global__ void __launch_bounds__(Cfg::kThreads) tree_attention_kernel(const Par
   const int tile_begin = split * per_split;
   const int tile_end = min(tiles, tile_begin + per_split);
 
+#ifdef JETSPEC_WGMMA
+  constexpr bool kWgmma = Cfg::kWarpgroup;
+#else
+  constexpr bool kWgmma = false && Cfg::kWarpgroup;
+#endif
   const float scale_log2 = a.scale * kLog2e;
   float o[kMT][kDimTiles][4];
   float m[kMT][2], l[kMT][2];  // running max (raw scores) and this thread's share of the row sum
@@ -163,7 +190,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) tree_attention_kernel(const Par
       const bool valid = row < rows;
       const int node = row / p.group, head = h * p.group + (row - node * p.group);
       const T* src = valid ? q_base + node * a.q_node_stride + head * a.q_head_stride + ch * 8 : q_base;
-      cp_async16(s_q + swizzle<Cfg>(r, ch), src, valid);
+      cp_async16(s_q + swizzle(r, ch, Cfg::kQRegion), src, valid);
     }
     cp_async_commit();
 
@@ -184,7 +211,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) tree_attention_kernel(const Par
 #pragma unroll
       for (int i = 0; i < kKeys / kRowStep; ++i) {
         const bool valid = i * kRowStep < left;
-        const uint32_t off = stage * Cfg::kKvBytes + swizzle<Cfg>(my_key + i * kRowStep, my_chunk);
+        const uint32_t off = stage * Cfg::kKvBytes + swizzle(my_key + i * kRowStep, my_chunk, Cfg::kKvRegion);
         cp_async16(s_k + off, valid ? kp : a.key, valid);
         cp_async16(s_v + off, valid ? vp : a.key, valid);
         kp += k_step;
@@ -199,15 +226,18 @@ __global__ void __launch_bounds__(Cfg::kThreads) tree_attention_kernel(const Par
 
     // ldmatrix lane addresses (see the mma.m16n8k16 fragment layouts). Every row read here has
     // row & 7 == lane & 7, so the swizzled address of the even chunk 2 * kk is this lane's address of
-    // chunk 0 XOR (kk << 5): one immediate operation per ldmatrix, no table of per-kk offsets held in
-    // registers (tile bases are multiples of a row, so the XORed bits are the chunk's own).
-    const uint32_t q_lane = ((warp * kMT) * 16 + (lane & 15)) * Cfg::kRowBytes + ((((lane >> 4) ^ lane) & 7) << 4);
-    const uint32_t k_lane = ((lane & 7) + ((lane >> 4) << 3)) * Cfg::kRowBytes + (((((lane >> 3) & 1) ^ lane) & 7) << 4);
-    const uint32_t v_lane = ((lane & 7) + (((lane >> 3) & 1) << 3)) * Cfg::kRowBytes + ((((lane >> 4) ^ lane) & 7) << 4);
+    // chunk 0 in region kk / 4, XOR ((kk % 4) << 5): immediates per ldmatrix, no table of per-kk offsets
+    // held in registers (row offsets are multiples of 128 bytes, so the XORed bits are the chunk's own).
+    const uint32_t q_lane = (tile_row<Cfg>(warp, 0) + (lane & 15)) * 128 + ((((lane >> 4) ^ lane) & 7) << 4);
+    const uint32_t k_lane = ((lane & 7) + ((lane >> 4) << 3)) * 128 + (((((lane >> 3) & 1) ^ lane) & 7) << 4);
+    const uint32_t v_lane = ((lane & 7) + (((lane >> 3) & 1) << 3)) * 128 + ((((lane >> 4) ^ lane) & 7) << 4);
 
     for (int t = tile_begin; t < tile_end; ++t) {
       const int it = t - tile_begin;
       cp_async_wait<kStages - 2>();
+#ifdef JETSPEC_WGMMA
+      if constexpr (kWgmma) ptx::fence_proxy_async();  // this thread's copies, before wgmma reads them
+#endif
       __syncthreads();  // tile t (and Q) visible to all; every warp is done with the stage refilled next
       if (t + kStages - 1 < tile_end) load_kv(t + kStages - 1, (it + kStages - 1) % kStages);
       cp_async_commit();
@@ -219,20 +249,40 @@ __global__ void __launch_bounds__(Cfg::kThreads) tree_attention_kernel(const Par
       for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
         for (int n = 0; n < kKeyTiles; ++n) s[mt][n][0] = s[mt][n][1] = s[mt][n][2] = s[mt][n][3] = 0.f;
+      if constexpr (kWgmma) {  // S = Q K^T by the warpgroup, both operands from shared memory
+#ifdef JETSPEC_WGMMA
+        ptx::wgmma_fence();
 #pragma unroll
-      for (int kk = 0; kk < D / 16; ++kk) {
-        uint32_t qa[kMT][4];
-#pragma unroll
-        for (int mt = 0; mt < kMT; ++mt)
-          ptx::ldmatrix_x4(qa[mt], s_q + ((q_lane + mt * 16 * Cfg::kRowBytes) ^ (kk << 5)));
-#pragma unroll
-        for (int np = 0; np < kKeyTiles / 2; ++np) {
-          uint32_t kb[4];
-          ptx::ldmatrix_x4(kb, k_tile + ((k_lane + np * 16 * Cfg::kRowBytes) ^ (kk << 5)));
+        for (int kk = 0; kk < D / 16; ++kk) {
+          const uint32_t k_off = (kk >> 2) * Cfg::kKvRegion + (kk & 3) * 32;
+          const uint64_t kd = ptx::smem_desc(k_tile + k_off, 16, 1024);
 #pragma unroll
           for (int mt = 0; mt < kMT; ++mt) {
-            ptx::mma16816<std::is_same_v<T, __nv_bfloat16>>(s[mt][2 * np], qa[mt], kb[0], kb[1]);
-            ptx::mma16816<std::is_same_v<T, __nv_bfloat16>>(s[mt][2 * np + 1], qa[mt], kb[2], kb[3]);
+            const uint32_t q_off = (kk >> 2) * Cfg::kQRegion + mt * 64 * 128 + (kk & 3) * 32;
+            ptx::wgmma_ss<kKeys, std::is_same_v<T, __nv_bfloat16>>(
+                reinterpret_cast<float(&)[kKeys / 2]>(s[mt]), ptx::smem_desc(s_q + q_off, 16, 1024), kd);
+          }
+        }
+        ptx::wgmma_commit();
+        ptx::wgmma_wait_all();
+#endif
+      } else {
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+          uint32_t qa[kMT][4];
+#pragma unroll
+          for (int mt = 0; mt < kMT; ++mt)
+            ptx::ldmatrix_x4(qa[mt], s_q + (kk >> 2) * Cfg::kQRegion +
+                                         ((q_lane + mt * 16 * Cfg::kWarps * 128) ^ ((kk & 3) << 5)));
+#pragma unroll
+          for (int np = 0; np < kKeyTiles / 2; ++np) {
+            uint32_t kb[4];
+            ptx::ldmatrix_x4(kb, k_tile + (kk >> 2) * Cfg::kKvRegion + ((k_lane + np * 16 * 128) ^ ((kk & 3) << 5)));
+#pragma unroll
+            for (int mt = 0; mt < kMT; ++mt) {
+              ptx::mma16816<std::is_same_v<T, __nv_bfloat16>>(s[mt][2 * np], qa[mt], kb[0], kb[1]);
+              ptx::mma16816<std::is_same_v<T, __nv_bfloat16>>(s[mt][2 * np + 1], qa[mt], kb[2], kb[3]);
+            }
           }
         }
       }
@@ -242,7 +292,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) tree_attention_kernel(const Par
         for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
           for (int hf = 0; hf < 2; ++hf) {
-            const int row = min(row0 + (warp * kMT + mt) * 16 + (lane >> 2) + 8 * hf, rows - 1);
+            const int row = min(row0 + tile_row<Cfg>(warp, mt) + (lane >> 2) + 8 * hf, rows - 1);
             const int node = row / p.group;
             const int32_t* words = a.ancestors + (static_cast<int64_t>(b) * a.nodes + node) * a.words;
             const uint64_t bits = visible_bits(words, a.words, node, t * kKeys - prefix) >> (2 * (lane & 3));
@@ -294,26 +344,42 @@ __global__ void __launch_bounds__(Cfg::kThreads) tree_attention_kernel(const Par
           }
       }
 
+      uint32_t pa[kKeys / 16][kMT][4];  // the S accumulator layout is the A-fragment layout of P V
 #pragma unroll
-      for (int kk = 0; kk < kKeys / 16; ++kk) {
-        uint32_t pa[kMT][4];  // the S accumulator layout is the A-fragment layout of P V
+      for (int kk = 0; kk < kKeys / 16; ++kk)
 #pragma unroll
         for (int mt = 0; mt < kMT; ++mt) {
-          pa[mt][0] = pack2<T>(s[mt][2 * kk][0], s[mt][2 * kk][1]);
-          pa[mt][1] = pack2<T>(s[mt][2 * kk][2], s[mt][2 * kk][3]);
-          pa[mt][2] = pack2<T>(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
-          pa[mt][3] = pack2<T>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+          pa[kk][mt][0] = pack2<T>(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+          pa[kk][mt][1] = pack2<T>(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+          pa[kk][mt][2] = pack2<T>(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+          pa[kk][mt][3] = pack2<T>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
         }
+      if constexpr (kWgmma) {  // O += P V: P from registers, V MN-major in shared memory
+#ifdef JETSPEC_WGMMA
+        ptx::wgmma_fence();
 #pragma unroll
-        for (int dp = 0; dp < D / 16; ++dp) {
-          uint32_t vb[4];
-          ptx::ldmatrix_x4_trans(vb, v_tile + ((v_lane + kk * 16 * Cfg::kRowBytes) ^ (dp << 5)));
+        for (int kk = 0; kk < kKeys / 16; ++kk) {
+          const uint64_t vd = ptx::smem_desc(v_tile + kk * 16 * 128, Cfg::kKvRegion, 1024);
 #pragma unroll
-          for (int mt = 0; mt < kMT; ++mt) {
-            ptx::mma16816<std::is_same_v<T, __nv_bfloat16>>(o[mt][2 * dp], pa[mt], vb[0], vb[1]);
-            ptx::mma16816<std::is_same_v<T, __nv_bfloat16>>(o[mt][2 * dp + 1], pa[mt], vb[2], vb[3]);
+          for (int mt = 0; mt < kMT; ++mt)
+            ptx::wgmma_rs<D, std::is_same_v<T, __nv_bfloat16>>(reinterpret_cast<float(&)[D / 2]>(o[mt]), pa[kk][mt], vd);
+        }
+        ptx::wgmma_commit();
+        ptx::wgmma_wait_all();
+#endif
+      } else {
+#pragma unroll
+        for (int kk = 0; kk < kKeys / 16; ++kk)
+#pragma unroll
+          for (int dp = 0; dp < D / 16; ++dp) {
+            uint32_t vb[4];
+            ptx::ldmatrix_x4_trans(vb, v_tile + (dp >> 2) * Cfg::kKvRegion + ((v_lane + kk * 16 * 128) ^ ((dp & 3) << 5)));
+#pragma unroll
+            for (int mt = 0; mt < kMT; ++mt) {
+              ptx::mma16816<std::is_same_v<T, __nv_bfloat16>>(o[mt][2 * dp], pa[kk][mt], vb[0], vb[1]);
+              ptx::mma16816<std::is_same_v<T, __nv_bfloat16>>(o[mt][2 * dp + 1], pa[kk][mt], vb[2], vb[3]);
+            }
           }
-        }
       }
     }
   }
@@ -326,7 +392,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) tree_attention_kernel(const Par
       float sum = l[mt][hf];
       sum += __shfl_xor_sync(0xffffffffu, sum, 1);
       sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-      const int row = row0 + (warp * kMT + mt) * 16 + (lane >> 2) + 8 * hf;
+      const int row = row0 + tile_row<Cfg>(warp, mt) + (lane >> 2) + 8 * hf;
       if (row >= rows) continue;
       const float inv = sum > 0.f ? 1.f / sum : 0.f;  // no visible key: output 0
       const int node = row / p.group, head = h * p.group + (row - node * p.group);
@@ -389,6 +455,7 @@ cudaError_t with_tile(int kind, F& f) {
   switch (kind) {
     case kSmall: return f(Kernel<T, SmallTile<D>>{});
     case kMedium: return f(Kernel<T, MediumTile<D>>{});
+    case kLargeWgmma: return f(Kernel<T, LargeWgmmaTile<D>>{});
     default: return f(Kernel<T, LargeTile<D>>{});
   }
 }
@@ -400,6 +467,12 @@ template <typename F>
 cudaError_t with_kernel(const TreeAttentionArgs& a, int kind, F&& f) {
   return a.bf16 ? with_dim<__nv_bfloat16>(a.head_dim, kind, f) : with_dim<__half>(a.head_dim, kind, f);
 }
+
+#ifdef JETSPEC_SM90A
+constexpr bool kBuiltForSm90a = true;
+#else
+constexpr bool kBuiltForSm90a = false;
+#endif
 
 constexpr int kMaxSplits = 128;
 constexpr int64_t kMinTilesPerSplit = 2;  // fewer keys per block and the prologue/epilogue dominate
@@ -427,7 +500,14 @@ int choose_splits(int64_t blocks, int64_t slots, int64_t key_tiles) {
 
 cudaError_t tree_attention_plan(const TreeAttentionArgs& a, TreeAttentionPlan* plan) {
   const int rows = a.q_heads / a.kv_heads * a.nodes;
-  const int kind = tile_kind(rows);
+  int device = 0, major = 0, minor = 0;
+  cudaError_t err = cudaGetDevice(&device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+  if (err != cudaSuccess) return err;
+  // wgmma code exists only in an sm_90a build, and only a compute capability 9.0 device runs it.
+  const bool wgmma = kBuiltForSm90a && major == 9 && minor == 0;
+  const int kind = tile_kind(rows, wgmma);
   plan->tile = kind;
   plan->row_tiles = (rows + tile_rows(kind) - 1) / tile_rows(kind);
   plan->splits = 1;
@@ -436,8 +516,7 @@ cudaError_t tree_attention_plan(const TreeAttentionArgs& a, TreeAttentionPlan* p
     using Cfg = typename K::Config;
     auto* fn = tree_attention_kernel<typename K::Elem, Cfg>;
     cudaError_t err = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmem);
-    int device = 0, sms = 0, per_sm = 0;
-    if (err == cudaSuccess) err = cudaGetDevice(&device);
+    int sms = 0, per_sm = 0;
     if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
     if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fn, Cfg::kThreads, Cfg::kSmem);
     if (err != cudaSuccess) return err;

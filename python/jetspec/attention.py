@@ -10,9 +10,8 @@ one-node tree. No HF module is patched: the model's attention implementation
 is switched to ours only for the duration of each of our forwards.
 
 Trees that come with packed ancestor bits run the ``jetspec.tree_attention`` op
-where it applies (bf16/fp16, head_dim 64 or 128, at most 1024 nodes, a GQA group in
-``OP_GROUPS``, a kernel for the device); everything else (prefills, fp32 models)
-runs the SDPA reference.
+where it applies (bf16/fp16, head_dim 64 or 128, at most 1024 nodes, a kernel for the
+device; any GQA group); everything else (prefills, fp32 models) runs the SDPA reference.
 """
 
 from __future__ import annotations
@@ -33,10 +32,6 @@ from .tree import ancestor_mask
 
 ATTN_IMPLEMENTATION = "jetspec_tree"
 MAX_OP_NODES = 1024  # the tree_attention op's limit (cpp/tree_attention.cpp)
-# GQA group sizes the driver gives the op: 1, 4 and 8 passed the CUDA tests on an H100; 2 divides the row tiles
-# as they do. Other sizes (e.g. SmolLM2's 3, whose node rows straddle tiles) take the SDPA path until the CUDA
-# tests that now cover 2 and 3 have run on a GPU.
-OP_GROUPS = (1, 2, 4, 8)
 
 
 @dataclass
@@ -100,9 +95,8 @@ def tree_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value:
 
 
 def _op_applies(batch: TreeBatch, query: Tensor) -> bool:
-    group = query.shape[1] // batch.cache.data.shape[4]  # query heads per KV head
     return (batch.ancestors is not None and query.dtype in (torch.bfloat16, torch.float16)
-            and query.shape[-1] in (64, 128) and query.shape[2] <= MAX_OP_NODES and group in OP_GROUPS
+            and query.shape[-1] in (64, 128) and query.shape[2] <= MAX_OP_NODES
             and has_kernel("tree_attention", query.device))
 
 
