@@ -139,8 +139,8 @@ def test_missing_converter_packages(monkeypatch, tmp_path):
 #: tau of the shipped head by replay on the first 4 MT-Bench questions, 48 new tokens, budget 64, width 8,
 #: as measured (fp32, CPU, torch 2.14.1) when the head was committed; the floor leaves ~5% for rounding
 #: differences across torch builds (a random head scores ~1.0).
-SHIPPED_HEAD_TAU = 1.473  # 190 tokens over 129 rounds
-TAU_FLOOR = 1.40
+SHIPPED_HEAD_TAU = 1.496  # 190 tokens over 127 rounds
+TAU_FLOOR = 1.42
 
 
 @pytest.fixture(scope="module")
