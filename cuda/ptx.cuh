@@ -117,6 +117,14 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[
     if constexpr (kBF16) JETSPEC_WGMMA_RS128("bf16"); else JETSPEC_WGMMA_RS128("f16");
   }
 }
+#undef JETSPEC_WGMMA_SS32
+#undef JETSPEC_WGMMA_SS64
+#undef JETSPEC_WGMMA_RS64
+#undef JETSPEC_WGMMA_RS128
+#undef JETSPEC_F64
+#undef JETSPEC_F32
+#undef JETSPEC_F16
+#undef JETSPEC_F4
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 
 }  // namespace jetspec::cuda::ptx

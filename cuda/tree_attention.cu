@@ -258,7 +258,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) tree_attention_kernel(const Par
           const uint64_t kd = ptx::smem_desc(k_tile + k_off, 16, 1024);
 #pragma unroll
           for (int mt = 0; mt < kMT; ++mt) {
-            const uint32_t q_off = (kk >> 2) * Cfg::kQRegion + mt * 64 * 128 + (kk & 3) * 32;
+            const uint32_t q_off = (kk >> 2) * Cfg::kQRegion + tile_row<Cfg>(0, mt) * 128 + (kk & 3) * 32;
             ptx::wgmma_ss<kKeys, std::is_same_v<T, __nv_bfloat16>>(
                 reinterpret_cast<float(&)[kKeys / 2]>(s[mt]), ptx::smem_desc(s_q + q_off, 16, 1024), kd);
           }
@@ -273,7 +273,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) tree_attention_kernel(const Par
 #pragma unroll
           for (int mt = 0; mt < kMT; ++mt)
             ptx::ldmatrix_x4(qa[mt], s_q + (kk >> 2) * Cfg::kQRegion +
-                                         ((q_lane + mt * 16 * Cfg::kWarps * 128) ^ ((kk & 3) << 5)));
+                                         ((q_lane + tile_row<Cfg>(0, mt) * 128) ^ ((kk & 3) << 5)));
 #pragma unroll
           for (int np = 0; np < kKeyTiles / 2; ++np) {
             uint32_t kb[4];
@@ -500,10 +500,11 @@ int choose_splits(int64_t blocks, int64_t slots, int64_t key_tiles) {
 
 cudaError_t tree_attention_plan(const TreeAttentionArgs& a, TreeAttentionPlan* plan) {
   const int rows = a.q_heads / a.kv_heads * a.nodes;
-  int device = 0, major = 0, minor = 0;
+  int device = 0, major = 0, minor = 0, sms = 0;
   cudaError_t err = cudaGetDevice(&device);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   if (err != cudaSuccess) return err;
   // wgmma code exists only in an sm_90a build, and only a compute capability 9.0 device runs it.
   const bool wgmma = kBuiltForSm90a && major == 9 && minor == 0;
@@ -515,9 +516,8 @@ cudaError_t tree_attention_plan(const TreeAttentionArgs& a, TreeAttentionPlan* p
     using K = decltype(k);
     using Cfg = typename K::Config;
     auto* fn = tree_attention_kernel<typename K::Elem, Cfg>;
-    cudaError_t err = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmem);
-    int sms = 0, per_sm = 0;
-    if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+    int per_sm = 0;
+    err = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmem);
     if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fn, Cfg::kThreads, Cfg::kSmem);
     if (err != cudaSuccess) return err;
     const int64_t blocks = static_cast<int64_t>(a.batch) * a.kv_heads * plan->row_tiles;
