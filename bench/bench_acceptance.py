@@ -2,7 +2,7 @@
 
     python -m bench.bench_acceptance --head causal=DIR --head bidirectional=DIR --out OUT
         [--model DIR] [--prompts 50] [--new-tokens 256] [--timed-prompts 2] [--timed-new-tokens N]
-        [--budgets ...] [--widths ...]
+        [--budgets ...] [--widths ...] [--dtype bfloat16] [--mode graph]
 
 For every benchmark (MT-Bench, HumanEval, GSM8K, MATH-500, AIME25; the first ``--prompts`` of each,
 chat template), the target's greedy continuation is generated once (HF ``generate``, batched), then
@@ -11,8 +11,10 @@ to the decoder's rounds), giving tau = tokens committed per round. Width 1 is ch
 is plain decoding. Speed is measured for real, on the first ``--timed-prompts`` prompts of each
 benchmark: the decoder's tokens/s per configuration (and that its output equals HF greedy's) against
 HF ``generate`` greedy in the same run (``--timed-new-tokens`` shortens those generations: a timing pass
-decodes every configuration, and the driver's eager rounds make that the longest stage). One JSON:
-``OUT/acceptance.json``.
+decodes every configuration, and the driver's eager rounds make that the longest stage). Each timed
+configuration is warmed up once first (``mode="graph"`` captures its graph then). ``--dtype`` and
+``--mode`` choose the target's precision and the driver's round (``SpeculativeGenerator``'s ``mode``;
+default: its own choice). One JSON: ``OUT/acceptance.json``.
 """
 
 from __future__ import annotations
@@ -71,19 +73,21 @@ def main() -> None:
     parser.add_argument("--widths", type=int, nargs="+", default=[1, 4, 8])
     parser.add_argument("--benchmarks", nargs="+", default=BENCHMARKS, choices=BENCHMARKS)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    parser.add_argument("--mode", choices=["host", "device", "graph"], help="the driver's round (default: its choice)")
     args = parser.parse_args()
 
     device = torch.device(args.device)
     timed_tokens = args.timed_new_tokens or args.new_tokens
-    model, tokenizer = _load_target(argparse.Namespace(model=args.model, device=args.device, dtype="float32"))
+    model, tokenizer = _load_target(argparse.Namespace(model=args.model, device=args.device, dtype=args.dtype))
     heads = {}
     for item in args.head:
         name, _, folder = item.partition("=")
-        heads[name] = load_head(folder, dtype=torch.float32, device=device)
+        heads[name] = load_head(folder, dtype=getattr(torch, args.dtype), device=device)
     depth = max(h.spec.depth for h in heads.values())
     eos = stop_tokens(model, tokenizer.eos_token_id)
     configs = [(b, w) for b in args.budgets for w in args.widths if b > 1 or w == 1]
-    results = {"model": args.model or "SmolLM2-135M-Instruct (default)", "dtype": "float32",
+    results = {"model": args.model or "SmolLM2-135M-Instruct (default)", "dtype": args.dtype, "mode": args.mode,
                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                "new_tokens": args.new_tokens, "timed_new_tokens": timed_tokens,
                "heads": {n: h.config.to_dict() for n, h in heads.items()}, "benchmarks": {}}
@@ -101,11 +105,12 @@ def main() -> None:
         _write(args.out, results)  # after every stage: a run cut short by a time limit keeps what it measured
         print(json.dumps({bench: entry["tau"]}, indent=None))
         references = []  # (input ids, HF greedy output, HF seconds) of the timed prompts
-        for prompt in prompts[:args.timed_prompts]:
+        for i, prompt in enumerate(prompts[:args.timed_prompts]):
             ids = torch.tensor([prompt], device=device)
-            hf, seconds = _time_generation(lambda: model.generate(
-                ids, do_sample=False, max_new_tokens=timed_tokens, eos_token_id=sorted(eos),
-                pad_token_id=tokenizer.pad_token_id or 0), device)
+            for _ in range(2 if i == 0 else 1):  # the first call warms up
+                hf, seconds = _time_generation(lambda: model.generate(
+                    ids, do_sample=False, max_new_tokens=timed_tokens, eos_token_id=sorted(eos),
+                    pad_token_id=tokenizer.pad_token_id or 0), device)
             references.append((ids, hf, seconds))
         if not references:
             continue
@@ -113,7 +118,8 @@ def main() -> None:
             "tok_per_s": sum(hf.shape[1] - ids.shape[1] for ids, hf, _ in references) / sum(s for *_, s in references)}
         runs = [("jetspec-ar", None, 1, 1)] + [(n, h, b, w) for n, h in heads.items() for b, w in configs if b > 1]
         for name, head, budget, width in tqdm(runs, desc=f"{bench}: timed decoding"):
-            gen = SpeculativeGenerator(model, head, budget=budget, width=width)
+            gen = SpeculativeGenerator(model, head, budget=budget, width=width, mode=args.mode)
+            gen.generate(references[0][0], max_new_tokens=timed_tokens, eos_token_id=sorted(eos))  # warm-up
             rows = []
             for ids, hf, _ in references:
                 out, seconds = _time_generation(lambda: gen.generate(ids, max_new_tokens=timed_tokens,
@@ -121,7 +127,7 @@ def main() -> None:
                 rows.append({"tokens": out.stats.new_tokens, "seconds": seconds, "tau": out.stats.mean_accept_length,
                              "same_as_hf": torch.equal(out.sequences, hf)})
             entry["timed"][f"{name}/{budget}x{width}"] = {
-                "tok_per_s": sum(r["tokens"] for r in rows) / sum(r["seconds"] for r in rows),
+                "mode": gen.mode, "tok_per_s": sum(r["tokens"] for r in rows) / sum(r["seconds"] for r in rows),
                 "all_same_as_hf": all(r["same_as_hf"] for r in rows), "rows": rows}
             _write(args.out, results)
     print(f"wrote {args.out / 'acceptance.json'}")

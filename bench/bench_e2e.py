@@ -5,7 +5,8 @@ random 5-layer JetSpec head (real drafting cost, acceptance ~1) and an oracle
 that replays the driver's own greedy continuation (the most a round can
 accept), which exercises every phase at the tree sizes a good head produces.
 Recorded per configuration: tokens/s, tau, per-round phase times
-(device-synchronised), and agreement with HF ``generate`` greedy.
+(device-synchronised), and agreement with HF ``generate`` greedy. This is the
+host-driven round (``mode="host"``); ``bench_round`` measures the graphed one.
 
 Two model variants: fp32, where the output must be identical to HF's, and bf16.
 A random model's next-token distributions are near-flat, so in bf16 any change
@@ -70,20 +71,30 @@ def _timed_generate(gen: SpeculativeGenerator, prompt: torch.Tensor, new: int):
     return out.sequences[0, PROMPT:].tolist(), out.stats
 
 
-def _variant(name: str, dtype: torch.dtype, new: int, device) -> list[dict]:
+def random_pair(dtype: torch.dtype, device) -> tuple[Qwen3Config, Qwen3ForCausalLM, DraftHead]:
+    """A Qwen3-8B-shaped target and a 5-layer JetSpec head (block 16), random weights (seed 0)."""
     torch.manual_seed(0)
     config = Qwen3Config(**QWEN3_8B)
     model = _random(Qwen3ForCausalLM, config, dtype, device)
     head = _random(DraftHead, head_config_for(config, num_layers=5, block_size=16, causal=True,
                                               mask_token_id=config.vocab_size - 1), dtype, device)
-    prompt = torch.randint(0, config.vocab_size, (1, PROMPT), device=device)
+    return config, model, head
 
-    model.generate(prompt, do_sample=False, max_new_tokens=4, pad_token_id=0)  # warm-up
+
+def timed_hf_generate(model, prompt: torch.Tensor, new: int) -> tuple[torch.Tensor, float]:
+    """HF ``generate`` greedy of exactly ``new`` tokens after a warm-up: the sequences and tokens/s."""
+    model.generate(prompt, do_sample=False, max_new_tokens=4, pad_token_id=0)
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     hf = model.generate(prompt, do_sample=False, max_new_tokens=new, min_new_tokens=new, pad_token_id=0)
     torch.cuda.synchronize()
-    hf_tok_s = new / (time.perf_counter() - t0)
+    return hf, new / (time.perf_counter() - t0)
+
+
+def _variant(name: str, dtype: torch.dtype, new: int, device) -> list[dict]:
+    config, model, head = random_pair(dtype, device)
+    prompt = torch.randint(0, config.vocab_size, (1, PROMPT), device=device)
+    hf, hf_tok_s = timed_hf_generate(model, prompt, new)
     reference = hf[0, PROMPT:].tolist()
     rows = [{"variant": name, "config": "HF generate", "tok_s": hf_tok_s, "tau": 1.0}]
     model.config._attn_implementation = "eager"
@@ -95,7 +106,7 @@ def _variant(name: str, dtype: torch.dtype, new: int, device) -> list[dict]:
     if vs_hf["first_divergence"] is not None:
         rows[-1]["hf_top2_gap_at_divergence"] = _top2_gap(model, hf, vs_hf["first_divergence"])
 
-    ar_tokens, _ = _timed_generate(SpeculativeGenerator(model, None, budget=1), prompt, new)
+    ar_tokens, _ = _timed_generate(SpeculativeGenerator(model, None, budget=1, mode="host"), prompt, new)
     configs = [("AR (driver)", None, 1, 1, False), ("random head", head, 64, 8, False)]
     configs += [("oracle", OracleDrafter(ar_tokens, 15, config.vocab_size), b, w, False) for b, w in ((16, 1), (64, 4),
                                                                                                       (256, 8))]
@@ -103,9 +114,9 @@ def _variant(name: str, dtype: torch.dtype, new: int, device) -> list[dict]:
         configs.append(("oracle (SDPA verify)", OracleDrafter(ar_tokens, 15, config.vocab_size), 256, 8, True))
     for label, drafter, budget, width, sdpa in configs:
         # The peer: the same rounds with the verify attention in torch SDPA instead of the op.
-        with mock.patch.object(jetspec.attention, "_op_applies", lambda *_: False) if sdpa else contextlib.nullcontext():
-            tokens, stats = _timed_generate(SpeculativeGenerator(model, drafter, budget=budget, width=width), prompt,
-                                            new)
+        with mock.patch.object(jetspec.attention, "op_applies", lambda *_: False) if sdpa else contextlib.nullcontext():
+            tokens, stats = _timed_generate(SpeculativeGenerator(model, drafter, budget=budget, width=width,
+                                                                 mode="host"), prompt, new)
             _, profiled = _timed_generate(SpeculativeGenerator(model, drafter, budget=budget, width=width,
                                                                profile=True), prompt, new)
         vs_hf = _agreement(tokens, reference)

@@ -25,7 +25,7 @@ def test_demo_runs_the_ops(capsys):
 
 
 def test_generate_streams_exactly_greedy_text(tiny, capsys):
-    assert main(["generate", "--model", str(tiny), "--head", str(tiny / "head"), "--prompt", "Hello",
+    assert main(["generate", "--model", str(tiny), "--head", str(tiny / "head"), "--prompt", "Hello", "--dtype", "fp32",
                  "--max-new-tokens", "24", "--budget", "16", "--width", "4", "--eos-token-id", "-1"]) == 0
     captured = capsys.readouterr()
     tokenizer = AutoTokenizer.from_pretrained(tiny)
@@ -35,7 +35,7 @@ def test_generate_streams_exactly_greedy_text(tiny, capsys):
     want = model.generate(ids, do_sample=False, max_new_tokens=24, min_new_tokens=24,
                           pad_token_id=tokenizer.pad_token_id)[0, ids.shape[1]:]
     assert captured.out.rstrip("\n") == tokenizer.decode(want, skip_special_tokens=True)
-    assert "budget 16, width 4: 24 tokens" in captured.err
+    assert "budget 16, width 4, host rounds: 24 tokens" in captured.err
 
 
 def test_generate_without_head_needs_budget_one(tiny):

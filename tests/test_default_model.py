@@ -156,8 +156,9 @@ def test_shipped_head_fits_the_default_model(model, head):
     assert sum(f.stat().st_size for f in shards) < 40 << 20
 
 
-def test_shipped_head_generation_is_hf_greedy(model, tokenizer, head):
-    generator = jetspec.SpeculativeGenerator(model, head, budget=64, width=8)
+@pytest.mark.parametrize("mode", ["host", "device"])
+def test_shipped_head_generation_is_hf_greedy(model, tokenizer, head, mode):
+    generator = jetspec.SpeculativeGenerator(model, head, budget=64, width=8, mode=mode)
     for text in ("What is the capital of France?", "Write a short poem about the sea."):
         ids = torch.tensor([_encode(tokenizer, text, chat=True)])
         with torch.no_grad():

@@ -84,8 +84,11 @@ def assert_greedy_up_to_ties(tokens: list[int], hf, prompt_len: int) -> None:
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["host", "device", "graph"])
 @pytest.mark.parametrize("head_dim,budget,width", [(64, 1, 1), (128, 24, 4), (64, 64, 8), (128, 16, 1)])
-def test_generation_through_the_op_is_lossless(device, head_dim, budget, width):
+def test_generation_through_the_op_is_lossless(device, mode, head_dim, budget, width):
+    if mode == "graph" and device == "cpu":
+        pytest.skip("CUDA graphs need a CUDA device")
     device = torch.device(device)
     model = qwen3_model(head_dim, torch.bfloat16, device)
     torch.manual_seed(budget)
@@ -96,11 +99,15 @@ def test_generation_through_the_op_is_lossless(device, head_dim, budget, width):
         expected = model.generate(prompt, do_sample=False, max_new_tokens=new, min_new_tokens=new, pad_token_id=0,
                                   attention_mask=torch.ones_like(prompt), output_scores=True,
                                   return_dict_in_generate=True)
-    generator = jetspec.SpeculativeGenerator(model, head if budget > 1 else None, budget=budget, width=width)
+    generator = jetspec.SpeculativeGenerator(model, head if budget > 1 else None, budget=budget, width=width,
+                                             mode=mode)
     with mock.patch.object(ops, "tree_attention", wraps=ops.tree_attention) as spy:
         out = generator.generate(prompt, max_new_tokens=new, eos_token_id=[])
     assert_greedy_up_to_ties(out.sequences[0].tolist(), expected, prompt.shape[1])
-    assert spy.call_count == model.config.num_hidden_layers * out.stats.rounds
+    if mode == "host":  # every verify layer of every round (device rounds run ahead; graphs replay without Python)
+        assert spy.call_count == model.config.num_hidden_layers * out.stats.rounds
+    elif mode == "device":  # the head's layers take the op too
+        assert spy.call_count >= (model.config.num_hidden_layers + (budget > 1)) * out.stats.rounds
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -115,8 +122,8 @@ def test_odd_gqa_group_takes_the_op(device):
         expected = model.generate(prompt, do_sample=False, max_new_tokens=24, min_new_tokens=24, pad_token_id=0,
                                   attention_mask=torch.ones_like(prompt), output_scores=True,
                                   return_dict_in_generate=True)
+    generator = jetspec.SpeculativeGenerator(model, head, budget=16, width=4, mode="host")
     with mock.patch.object(ops, "tree_attention", wraps=ops.tree_attention) as spy:
-        out = jetspec.SpeculativeGenerator(model, head, budget=16, width=4).generate(prompt, max_new_tokens=24,
-                                                                                    eos_token_id=[])
+        out = generator.generate(prompt, max_new_tokens=24, eos_token_id=[])
     assert spy.call_count == model.config.num_hidden_layers * out.stats.rounds
     assert_greedy_up_to_ties(out.sequences[0].tolist(), expected, prompt.shape[1])

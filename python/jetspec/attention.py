@@ -36,13 +36,18 @@ MAX_OP_NODES = 1024  # the tree_attention op's limit (cpp/tree_attention.cpp)
 
 @dataclass
 class TreeBatch:
-    """What the attention layers need to know about the tokens being run."""
+    """What the attention layers need to know about the tokens being run.
+
+    Two kinds of forward: the host-driven round knows the prefix length on the host (``start``); the
+    device round (:mod:`jetspec.device_round`) leaves ``start`` None and gives ``prefix_len`` alone, so that
+    nothing in the forward depends on a host value that changes from round to round (CUDA graphs)."""
 
     cache: KVCache
-    start: int  # cache slot of the first new token = length of the committed prefix
+    start: int | None  # cache slot of the first new token = length of the committed prefix (None: device round)
     visible: Tensor | None = None  # [batch, n, n] bool: new token i may attend new token j
     ancestors: Tensor | None = None  # [batch, n, ceil(n / 32)] int32: the same mask, packed (trees only)
-    prefix_len: Tensor | None = None  # [batch] int64 on the device: ``start`` per row, for the op
+    prefix_len: Tensor | None = None  # [batch] int64 on the device: the prefix length per row, for the op
+    slots: Tensor | None = None  # [batch, n] int64: prefix_len + 0..n-1, made on first use (device round)
 
     def dense_visible(self) -> Tensor:
         """``visible``, unpacked from ``ancestors`` on first use when only those were given (the op needs no
@@ -50,6 +55,21 @@ class TreeBatch:
         if self.visible is None:
             self.visible = ancestor_mask(self.ancestors, self.ancestors.shape[1])
         return self.visible
+
+    def new_slots(self, n: int) -> Tensor:
+        if self.slots is None:
+            self.slots = self.prefix_len.unsqueeze(1) + torch.arange(n, device=self.prefix_len.device)
+        return self.slots
+
+
+def sdpa(query: Tensor, key: Tensor, value: Tensor, mask: Tensor, scale: float) -> Tensor:
+    """SDPA of ``query`` ``[B, Hq, n, D]`` over ``key``/``value`` ``[B, Hkv, T, D]`` (GQA: each kv head serves
+    ``Hq / Hkv`` query heads) with a boolean ``mask`` broadcastable to ``[B, Hq, n, T]``."""
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
 
 
 def reference_tree_attention(query: Tensor, key: Tensor, value: Tensor, prefix: int, visible: Tensor,
@@ -64,13 +84,43 @@ def reference_tree_attention(query: Tensor, key: Tensor, value: Tensor, prefix: 
     Returns:
         ``[B, Hq, n, D]``.
     """
-    batch, heads, n, _ = query.shape
-    groups = heads // key.shape[1]
-    if groups > 1:
-        key = key.repeat_interleave(groups, dim=1)
-        value = value.repeat_interleave(groups, dim=1)
+    batch, _, n, _ = query.shape
     mask = torch.cat([visible.new_ones(batch, n, prefix), visible], dim=2).unsqueeze(1)
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale)
+    return sdpa(query, key, value, mask, scale)
+
+
+def masked_tree_attention(query: Tensor, key_cache: Tensor, value_cache: Tensor, prefix_len: Tensor,
+                          visible: Tensor, scale: float) -> Tensor:
+    """Tree attention over a whole cache ``[B, S, Hkv, D]`` whose new tokens sit at slots ``prefix_len + j``:
+    fixed shapes and no host sync (the device round's fallback where the op does not apply; O(S) work).
+
+    ``visible`` ``[B, n, n]`` bool may be any mask among the new tokens (also bidirectional). Returns
+    ``[B, Hq, n, D]``."""
+    batch, _, n, _ = query.shape
+    slots = key_cache.shape[1]
+    node = torch.arange(slots, device=query.device) - prefix_len.unsqueeze(1)  # [B, S]: new token at each slot
+    tree = visible.gather(2, node.clamp(0, n - 1).unsqueeze(1).expand(batch, n, slots))
+    mask = (node < 0).unsqueeze(1) | (tree & (node < n).unsqueeze(1))
+    return sdpa(query, key_cache.transpose(1, 2), value_cache.transpose(1, 2), mask.unsqueeze(1), scale)
+
+
+def cached_tree_attention(query: Tensor, key: Tensor, value: Tensor, cache: KVCache, layer: int, slots: Tensor,
+                          prefix_len: Tensor, ancestors: Tensor | None, visible: Tensor | None,
+                          scale: float) -> Tensor:
+    """The device round's attention of one layer: store the new ``key``/``value`` ``[B, Hkv, n, D]`` at
+    ``slots`` (= ``prefix_len + 0..n-1``), then attend ``query`` ``[B, Hq, n, D]`` over the prefix and the new
+    tokens: the ``tree_attention`` op where it applies (packed ``ancestors``, i.e. a mask that only looks
+    back), else :func:`masked_tree_attention` with ``visible`` (unpacked from ``ancestors`` when None).
+    Returns ``[B, n, Hq, D]``."""
+    n = query.shape[2]
+    cache.scatter(layer, slots, key, value)
+    key_cache, value_cache = cache.data[layer, 0], cache.data[layer, 1]
+    if ancestors is not None and op_applies(query):
+        return ops.tree_attention(query.transpose(1, 2), key_cache, value_cache, prefix_len, ancestors, scale,
+                                  max_prefix=cache.capacity - n)
+    if visible is None:
+        visible = ancestor_mask(ancestors, n)
+    return masked_tree_attention(query, key_cache, value_cache, prefix_len, visible, scale).transpose(1, 2)
 
 
 def tree_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
@@ -83,9 +133,13 @@ def tree_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value:
                            "(it needs the tree and cache of the round)")
     layer = module.layer_idx
     n = query.shape[2]
-    batch.cache.write(layer, batch.start, key, value)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    if _op_applies(batch, query):
+    if batch.start is None:
+        out = cached_tree_attention(query, key, value, batch.cache, layer, batch.new_slots(n), batch.prefix_len,
+                                    batch.ancestors, batch.visible, scale)
+        return out, None
+    batch.cache.write(layer, batch.start, key, value)
+    if batch.ancestors is not None and op_applies(query):
         out = ops.tree_attention(query.transpose(1, 2), batch.cache.data[layer, 0], batch.cache.data[layer, 1],
                                  batch.prefix_len, batch.ancestors, scale, max_prefix=batch.start)
         return out, None
@@ -94,10 +148,10 @@ def tree_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value:
     return out.transpose(1, 2), None
 
 
-def _op_applies(batch: TreeBatch, query: Tensor) -> bool:
-    return (batch.ancestors is not None and query.dtype in (torch.bfloat16, torch.float16)
-            and query.shape[-1] in (64, 128) and query.shape[2] <= MAX_OP_NODES
-            and has_kernel("tree_attention", query.device))
+def op_applies(query: Tensor) -> bool:
+    """Whether the ``tree_attention`` op takes these queries ``[B, heads, n, D]`` (given packed ancestor bits)."""
+    return (query.dtype in (torch.bfloat16, torch.float16) and query.shape[-1] in (64, 128)
+            and query.shape[2] <= MAX_OP_NODES and has_kernel("tree_attention", query.device))
 
 
 AttentionInterface.register(ATTN_IMPLEMENTATION, tree_attention_forward)

@@ -29,6 +29,14 @@ class KVCache:
         self.data[layer, 0, :, start:start + n] = key.transpose(1, 2)
         self.data[layer, 1, :, start:start + n] = value.transpose(1, 2)
 
+    def scatter(self, layer: int, slots: Tensor, key: Tensor, value: Tensor) -> None:
+        """Store ``[batch, kv_heads, n, head_dim]`` keys and values at slots ``slots`` ``[batch, n]`` (int64 on
+        the device): no host sync, so a CUDA graph can replay it with slots it computed itself. Slots must lie
+        below the capacity (a CUDA device assert otherwise; callers size the cache for every round)."""
+        rows = torch.arange(slots.shape[0], device=slots.device).unsqueeze(1)
+        self.data[layer, 0, rows, slots] = key.transpose(1, 2)
+        self.data[layer, 1, rows, slots] = value.transpose(1, 2)
+
     def read(self, layer: int, length: int) -> tuple[Tensor, Tensor]:
         """Keys and values of slots ``0 .. length`` as ``[batch, kv_heads, length, head_dim]`` views."""
         return (self.data[layer, 0, :, :length].transpose(1, 2), self.data[layer, 1, :, :length].transpose(1, 2))

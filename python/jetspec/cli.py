@@ -26,7 +26,7 @@ def _generate(args: argparse.Namespace) -> int:
     device, dtype = model.lm_head.weight.device, model.lm_head.weight.dtype
     head = load_head(head_dir, dtype=dtype, device=device) if args.budget > 1 else None
     generator = SpeculativeGenerator(model, head, budget=args.budget, width=args.width, depth=args.depth,
-                                     profile=args.profile)
+                                     profile=args.profile, mode=args.mode)
 
     ids = torch.tensor([_encode(tokenizer, args.prompt, args.chat_template)], device=device)
     eos = args.eos_token_id if args.eos_token_id is not None else tokenizer.eos_token_id
@@ -39,7 +39,8 @@ def _generate(args: argparse.Namespace) -> int:
             sys.stdout.flush()
             shown = text
     sys.stdout.write(tokenizer.decode(stream.tokens, skip_special_tokens=True)[len(shown):])
-    print(f"\n[jetspec] budget {args.budget}, width {args.width}: {stream.stats.summary()}", file=sys.stderr)
+    print(f"\n[jetspec] budget {args.budget}, width {args.width}, {generator.mode} rounds: {stream.stats.summary()}",
+          file=sys.stderr)
     return 0
 
 
@@ -186,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--no-chat-template", dest="chat_template", action="store_false",
                      help="tokenize the prompt as raw text")
     gen.add_argument("--profile", action="store_true", help="synchronise around phases for exact phase times")
+    gen.add_argument("--mode", choices=["host", "device", "graph"],
+                     help="how rounds run: host-driven, device-resident, or replayed from a CUDA graph (default: "
+                          "graph for bf16/fp16 on CUDA, else host)")
     gen.set_defaults(func=_generate)
 
     train = sub.add_parser("train-head", help="train a draft head by self-distillation from the target",

@@ -41,9 +41,32 @@ class Drafter(ABC):
         """Top-``width`` candidates for depths 1..depth after ``anchor`` ``[B]``:
         full-vocabulary log-probs ``[B, depth, width]`` float32 (descending) and ids int64."""
 
+    # The device round (jetspec.device_round) keeps the committed length on the device as ``length``
+    # ``[B]`` int64 and calls these instead of extend/propose; nothing in them may read a device value
+    # back, so that a CUDA graph can replay them. A drafter that has them sets ``on_device``.
+
+    #: whether the drafter implements draft_at, candidates_at and extend_at
+    on_device: bool = False
+
+    def draft_at(self, anchor: Tensor, length: Tensor) -> Tensor:
+        """The first half of :meth:`propose` after ``length`` committed positions (for a head: its forward);
+        returns what :meth:`candidates_at` takes."""
+        raise NotImplementedError(f"{type(self).__name__} does not run in a device round")
+
+    def candidates_at(self, drafted: Tensor, width: int) -> tuple[Tensor, Tensor]:
+        """The second half of :meth:`propose`: top-``width`` log-probs and ids ``[B, depth, width]``."""
+        raise NotImplementedError(f"{type(self).__name__} does not run in a device round")
+
+    def extend_at(self, tapped: Tensor, length: Tensor) -> None:
+        """:meth:`extend` with rows ``tapped`` ``[B, T, taps * H]`` for positions ``length + 0..T-1``; the
+        round then advances its length by the rows that count (the rest are overwritten later)."""
+        raise NotImplementedError(f"{type(self).__name__} does not run in a device round")
+
 
 class HeadDrafter(Drafter):
     """Drafting with a draft head: one head forward per round, its context K/V cached."""
+
+    on_device = True
 
     def __init__(self, head: DraftHead, target: Target) -> None:
         check_head_fits_target(head, target.config)
@@ -56,8 +79,11 @@ class HeadDrafter(Drafter):
 
     def start(self, tapped: Tensor, capacity: int) -> None:
         spec = self.head.spec
-        self.context = KVCache(spec.num_layers, tapped.shape[0], capacity, spec.kv_heads, spec.head_dim,
-                               self.target.dtype, self.target.device)
+        context = self.context
+        # The same memory for every sequence of one capacity: a captured round keeps pointing at it.
+        if context is None or context.capacity != capacity or context.data.shape[2] != tapped.shape[0]:
+            self.context = KVCache(spec.num_layers, tapped.shape[0], capacity, spec.kv_heads, spec.head_dim,
+                                   self.target.dtype, self.target.device)
         self.length = 0
         self.extend(tapped)
 
@@ -72,13 +98,33 @@ class HeadDrafter(Drafter):
     @torch.no_grad()
     def propose(self, anchor: Tensor, width: int) -> tuple[Tensor, Tensor]:
         spec = self.head.spec
-        batch = anchor.shape[0]
-        ids = torch.full((batch, spec.block_size), spec.mask_token_id, dtype=torch.long, device=anchor.device)
-        ids[:, 0] = anchor
-        positions = torch.arange(self.length, self.length + spec.block_size, device=anchor.device).expand(batch, -1)
+        positions = torch.arange(self.length, self.length + spec.block_size, device=anchor.device)
         context = [self.context.read(layer, self.length) for layer in range(spec.num_layers)]
-        hidden = self.head(self.target.embed_tokens(ids), positions, context)
+        hidden = self.head(self._block(anchor), positions.expand(anchor.shape[0], -1), context)
         return candidates(self.target, hidden[:, 1:], width)
+
+    @torch.no_grad()
+    def extend_at(self, tapped: Tensor, length: Tensor) -> None:
+        positions = length.unsqueeze(1) + torch.arange(tapped.shape[1], device=tapped.device)
+        for layer, (k, v) in enumerate(self.head.context_key_values(tapped, positions)):
+            self.context.scatter(layer, positions, k, v)
+
+    @torch.no_grad()
+    def draft_at(self, anchor: Tensor, length: Tensor) -> Tensor:
+        """The head's hidden states ``[B, depth, H]`` of depths 1..depth over the first ``length`` context slots."""
+        positions = length.unsqueeze(1) + torch.arange(self.head.spec.block_size, device=anchor.device)
+        return self.head.forward_cached(self._block(anchor), positions, self.context, length)[:, 1:]
+
+    def candidates_at(self, drafted: Tensor, width: int) -> tuple[Tensor, Tensor]:
+        return candidates(self.target, drafted, width)
+
+    def _block(self, anchor: Tensor) -> Tensor:
+        """The embedded block ``[anchor, mask, ..., mask]`` ``[B, S, H]``."""
+        spec = self.head.spec
+        ids = torch.full((anchor.shape[0], spec.block_size), spec.mask_token_id, dtype=torch.long,
+                         device=anchor.device)
+        ids[:, 0] = anchor
+        return self.target.embed_tokens(ids)
 
 
 def candidates(target: Target, hidden: Tensor, width: int) -> tuple[Tensor, Tensor]:
@@ -95,26 +141,42 @@ def candidates(target: Target, hidden: Tensor, width: int) -> tuple[Tensor, Tens
 class OracleDrafter(Drafter):
     """Proposes a known continuation (e.g. the target's own greedy output) at rank 0 of every depth,
     with ``width - 1`` other tokens below it: the upper bound on acceptance for a given depth
-    (every full round commits depth + 1 tokens). For tests and benchmarks of the rest of a round."""
+    (every full round commits depth + 1 tokens). For tests and benchmarks of the rest of a round;
+    it runs in device rounds too (the continuation is indexed on the device)."""
+
+    on_device = True
 
     def __init__(self, continuation: Sequence[int], depth: int, vocab_size: int) -> None:
-        self.continuation = list(continuation)
+        self.continuation = torch.tensor(list(continuation), dtype=torch.long)
         self.depth = depth
         self.vocab_size = vocab_size
         self.prompt_length = self.length = 0
+        self._prompt_length = torch.zeros(1, dtype=torch.long)  # on the device: graphs replay for any prompt
 
     def start(self, tapped: Tensor, capacity: int) -> None:
         self.prompt_length = self.length = tapped.shape[1]
+        self.continuation = self.continuation.to(tapped.device)
+        self._prompt_length = self._prompt_length.to(tapped.device)
+        self._prompt_length.fill_(self.prompt_length)
 
     def extend(self, tapped: Tensor) -> None:
         self.length += tapped.shape[1]
 
     def propose(self, anchor: Tensor, width: int) -> tuple[Tensor, Tensor]:
-        # The anchor is continuation[k] with k = committed positions since the prompt.
-        k = self.length - self.prompt_length
-        ids = torch.empty(1, self.depth, width, dtype=torch.long)
-        for d in range(self.depth):
-            true = self.continuation[k + d + 1] if k + d + 1 < len(self.continuation) else 0
-            ids[0, d] = (true + torch.arange(width)) % self.vocab_size
-        logprobs = -torch.arange(width, dtype=torch.float32).expand(1, self.depth, width) * 10.0
-        return logprobs.to(anchor.device), ids.to(anchor.device)
+        return self.candidates_at(self.draft_at(anchor, torch.tensor([self.length], device=anchor.device)), width)
+
+    def draft_at(self, anchor: Tensor, length: Tensor) -> Tensor:
+        # The anchor is continuation[k] with k = committed positions since the prompt; depth d proposes
+        # continuation[k + d] (0 past its end).
+        index = (length - self._prompt_length).unsqueeze(1) + torch.arange(1, self.depth + 1, device=length.device)
+        last = self.continuation.shape[0] - 1
+        return torch.where(index <= last, self.continuation[index.clamp(max=last)], 0)
+
+    def candidates_at(self, drafted: Tensor, width: int) -> tuple[Tensor, Tensor]:
+        ranks = torch.arange(width, device=drafted.device)
+        ids = (drafted.unsqueeze(-1) + ranks) % self.vocab_size
+        logprobs = (ranks * -10.0).float().expand(*ids.shape)
+        return logprobs.contiguous(), ids
+
+    def extend_at(self, tapped: Tensor, length: Tensor) -> None:
+        pass

@@ -12,6 +12,12 @@ tapped hidden states of ``x[0:n]``.
    drafter; the bonus token is the next anchor.
 
 Budget 1 is plain greedy decoding through the same verify path.
+
+Three ways to run the rounds (``mode``): ``"host"`` reads each round's accepted
+length back and slices exact-length caches (any dtype, any drafter); ``"device"``
+runs :class:`~jetspec.device_round.DeviceRound`, which keeps that length on the
+device (fixed shapes, no host sync inside a round) while the host reads each
+round's tokens one round behind; ``"graph"`` replays that round from one CUDA graph.
 """
 
 from __future__ import annotations
@@ -19,19 +25,23 @@ from __future__ import annotations
 import contextlib
 import numbers
 import time
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from typing import Iterator, Literal, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from . import ops
+from .device_round import DeviceRound
 from .drafter import Drafter, HeadDrafter
 from .heads import DraftHead
 from .target import Target
 from .tree import Tree, build_tree, words_for
 
-PHASES = ("prefill", "draft", "build", "verify", "accept", "compact")
+PHASES = ("prefill", "draft", "topk", "build", "verify", "accept", "compact")
+MODES = ("host", "device", "graph")
+Mode = Literal["host", "device", "graph"]
 
 
 @dataclass
@@ -109,11 +119,15 @@ class SpeculativeGenerator:
         budget: tree nodes per round, root included (1 = autoregressive).
         width: candidates per depth (1 = chain drafting).
         depth: deepest tree depth (default: the drafter's, i.e. the head's block size - 1).
-        profile: synchronise the device around phases so ``phase_seconds`` are exact (slower).
+        profile: synchronise the device around phases so ``phase_seconds`` are exact (slower; not with
+            ``mode="graph"``, whose phases run inside one graph: ``bench/bench_round.py`` times them).
+        mode: ``"host"``, ``"device"`` or ``"graph"`` (module docstring). Default: ``"graph"`` for a bf16/fp16
+            target on CUDA with a draft head (or none), else ``"host"``. The device modes take a
+            :class:`~jetspec.heads.DraftHead`, a drafter with ``on_device``, or None.
     """
 
     def __init__(self, model: nn.Module, drafter: DraftHead | Drafter | None = None, *, budget: int = 64,
-                 width: int = 8, depth: int | None = None, profile: bool = False) -> None:
+                 width: int = 8, depth: int | None = None, profile: bool = False, mode: Mode | None = None) -> None:
         self.target = Target(model)
         if isinstance(drafter, DraftHead):
             drafter = HeadDrafter(drafter, self.target)
@@ -131,6 +145,28 @@ class SpeculativeGenerator:
         self.width = width
         self.depth = min(depth or max_depth, budget - 1)
         self.profile = profile
+        self.mode = self._pick_mode(mode)
+        # mode "device"/"graph": the round (reused while its capacity fits), its graph, and the head cache the
+        # graph was captured with (a drafter given a new cache needs a new graph)
+        self._round: tuple[DeviceRound, torch.cuda.CUDAGraph | None, object] | None = None
+
+    def _pick_mode(self, mode: Mode | None) -> Mode:
+        on_device = self.drafter is None or self.drafter.on_device
+        cuda = self.target.device.type == "cuda"
+        if mode is None:
+            half = self.target.dtype in (torch.float16, torch.bfloat16)
+            return "graph" if cuda and half and on_device and not self.profile else "host"
+        if mode not in MODES:
+            raise ValueError(f"jetspec: mode must be one of {MODES}, got {mode!r}")
+        if mode != "host" and not on_device:
+            raise ValueError(f"jetspec: mode {mode!r} needs a drafter that runs on the device (a DraftHead) or "
+                             f"none; {type(self.drafter).__name__} runs with mode='host'")
+        if mode == "graph" and self.profile:
+            raise ValueError("jetspec: profile times phases by synchronising between them, which a graph replay "
+                             "cannot; use mode='device' (bench/bench_round.py times graphed phases)")
+        if mode == "graph" and not cuda:
+            raise ValueError(f"jetspec: mode 'graph' needs the target on a CUDA device, not {self.target.device}")
+        return mode
 
     # -- public API --------------------------------------------------------------------------
 
@@ -162,7 +198,8 @@ class SpeculativeGenerator:
             raise ValueError(f"jetspec: prompt ({prompt.shape[1]}) + max_new_tokens ({max_new_tokens}) with tree depth "
                              f"{self.depth} needs position {furthest}, past the model's {limit} positions")
         stats = GenerationStats(prompt_tokens=prompt.shape[1])
-        return TokenStream(self._run(prompt, max_new_tokens, eos, stats), stats)
+        run = self._run if self.mode == "host" else self._run_on_device
+        return TokenStream(run(prompt, max_new_tokens, eos, stats), stats)
 
     # -- the loop ------------------------------------------------------------------------------
 
@@ -186,17 +223,7 @@ class SpeculativeGenerator:
         taps = drafter.tap_layers if drafter is not None else ()
         length = prompt.shape[1]
         cache = target.new_cache(1, length + max_new_tokens + self.budget)
-        emitted = 0
-
-        def emit(tokens: list[int]) -> tuple[list[int], bool]:
-            nonlocal emitted
-            out = []
-            for token in tokens:
-                out.append(token)
-                emitted += 1
-                if token in eos or emitted == max_new_tokens:
-                    return out, True
-            return out, False
+        emit = _Emitter(eos, max_new_tokens)
 
         with self._phase("prefill", stats):
             logits, tapped = target.prefill(prompt, cache, taps)
@@ -229,6 +256,58 @@ class SpeculativeGenerator:
             self._account(stats, start, out, committed=path_len)
             yield out
 
+    def _run_on_device(self, prompt: Tensor, max_new_tokens: int, eos: set[int],
+                       stats: GenerationStats) -> Iterator[list[int]]:
+        """The rounds of :class:`DeviceRound` (replayed from a CUDA graph in mode "graph"). The host queues
+        the next round before it waits for the tokens of the last, unless that one may end the generation."""
+        start = time.perf_counter()
+        emit = _Emitter(eos, max_new_tokens)
+        with self._phase("prefill", stats):
+            rounds, graph = self._device_round(prompt, max_new_tokens)
+        out, done = emit([int(rounds.anchor)])
+        self._account(stats, start, out, committed=None)
+        yield out
+
+        results = _Results(rounds.result)
+
+        def launch() -> None:
+            if graph is not None:
+                graph.replay()
+            else:
+                rounds.step(lambda name: self._phase(name, stats))
+            results.push()
+
+        launch()
+        while not done:
+            # Another round is never wasted work while the rounds in flight cannot reach max_new_tokens.
+            if len(results) < 2 and emit.count + (self.depth + 1) * len(results) < max_new_tokens:
+                launch()
+            committed = results.pop()
+            out, done = emit(committed)
+            self._account(stats, start, out, committed=len(committed))
+            yield out
+            if not done and not len(results):
+                launch()
+
+    def _device_round(self, prompt: Tensor, max_new_tokens: int) -> tuple[DeviceRound, torch.cuda.CUDAGraph | None]:
+        """Prefill into the device round whose capacity bucket fits this generation (made, and in mode "graph"
+        captured, on first use; reused after). Capacity: the prompt, the new tokens, and the slots two rounds
+        in flight may write past them, rounded up to a power of two (one graph serves many lengths)."""
+        block = self.drafter.depth + 1 if self.drafter is not None else 1  # a head's block: anchor + depths
+        need = prompt.shape[1] + max_new_tokens + 2 * (self.budget + block + self.depth + 2)
+        capacity = max(1024, 1 << (need - 1).bit_length())
+        if self._round is None or self._round[0].capacity != capacity:
+            self._round = None  # free the old caches and graph first
+            self._round = (DeviceRound(self.target, self.drafter, self.budget, self.width, self.depth, capacity),
+                           None, None)
+        rounds, graph, captured_with = self._round
+        rounds.prefill(prompt)
+        context = getattr(self.drafter, "context", None)
+        if self.mode == "graph" and (graph is None or captured_with is not context):
+            graph = rounds.capture()
+            self._round = (rounds, graph, context)
+        return rounds, graph
+
     def _draft_tree(self, anchor: Tensor, n: int, stats: GenerationStats) -> Tree:
         base = torch.tensor([n], device=anchor.device)
         if self.drafter is None:  # budget 1: the root alone
@@ -257,3 +336,54 @@ class SpeculativeGenerator:
         if self.profile and self.target.device.type == "cuda":
             torch.cuda.synchronize(self.target.device)
         stats.phase_seconds[name] += time.perf_counter() - t0
+
+
+class _Emitter:
+    """Counts the tokens handed out and cuts a round's tokens after a stop token or max_new_tokens."""
+
+    def __init__(self, eos: set[int], max_new_tokens: int) -> None:
+        self.eos, self.max_new_tokens = eos, max_new_tokens
+        self.count = 0
+
+    def __call__(self, tokens: list[int]) -> tuple[list[int], bool]:
+        """The tokens to emit, and whether generation is done."""
+        out = []
+        for token in tokens:
+            out.append(token)
+            self.count += 1
+            if token in self.eos or self.count == self.max_new_tokens:
+                return out, True
+        return out, False
+
+
+class _Results:
+    """Device round results (``[count, tokens...]``) copied to the host without blocking, oldest first:
+    two pinned buffers, so that the host reads one round while the next one runs."""
+
+    def __init__(self, result: Tensor) -> None:
+        self.result = result
+        cuda = result.device.type == "cuda"
+        self.buffers = [torch.empty(result.shape, dtype=result.dtype, pin_memory=cuda) for _ in range(2)]
+        self.events = [torch.cuda.Event() if cuda else None for _ in range(2)]
+        self.pending: deque[int] = deque()
+        self.next = 0
+
+    def __len__(self) -> int:
+        return len(self.pending)
+
+    def push(self) -> None:
+        """Queue a copy of the round just launched."""
+        i, self.next = self.next, 1 - self.next
+        self.buffers[i].copy_(self.result, non_blocking=True)
+        if self.events[i] is not None:
+            self.events[i].record()
+        self.pending.append(i)
+
+    def pop(self) -> list[int]:
+        """The committed tokens of the oldest round queued (waits for it)."""
+        i = self.pending.popleft()
+        if self.events[i] is not None:
+            self.events[i].synchronize()
+        result = self.buffers[i]
+        return result[1:1 + int(result[0])].tolist()
+

@@ -169,3 +169,15 @@ def ancestor_mask(ancestors: Tensor, nodes: int) -> Tensor:
     shifts = torch.arange(32, device=ancestors.device, dtype=torch.int32)
     bits = (ancestors.unsqueeze(-1) >> shifts) & 1
     return bits.flatten(-2)[..., :nodes].bool()
+
+
+def pack_mask(visible: Tensor) -> Tensor:
+    """Pack a ``[..., N, N]`` bool "may attend" mask into ``[..., N, ceil(N / 32)]`` int32 ancestor words
+    (the inverse of :func:`ancestor_mask`)."""
+    n = visible.shape[-1]
+    words = words_for(n)
+    padded = torch.zeros(*visible.shape[:-1], words * 32, dtype=torch.int64, device=visible.device)
+    padded[..., :n] = visible
+    weights = torch.ones(32, dtype=torch.int64, device=visible.device) << torch.arange(32, device=visible.device)
+    packed = (padded.view(*visible.shape[:-1], words, 32) * weights).sum(-1)
+    return torch.where(packed >= 2 ** 31, packed - 2 ** 32, packed).to(torch.int32)

@@ -13,13 +13,20 @@ target's tapped hidden states of all committed positions, projected once by
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import Qwen3Config
 from transformers.models.qwen3.modeling_qwen3 import Qwen3MLP, Qwen3RMSNorm, Qwen3RotaryEmbedding
 
+from ..attention import cached_tree_attention, sdpa
+from ..cache import KVCache
+from ..tree import pack_mask
 from .config import HeadSpec
+
+#: One layer's attention given its block queries and keys/values (see :meth:`HeadAttention.forward`).
+Attend = Callable[[Tensor, Tensor, Tensor], Tensor]
 
 
 def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -49,22 +56,15 @@ class HeadAttention(nn.Module):
         v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         return _rotate(k, cos, sin), v
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, context_k: Tensor, context_v: Tensor,
-                mask: Tensor | None) -> Tensor:
-        """Block ``x`` ``[B, S, H]`` attends ``context_k/v`` ``[B, kv_heads, T, D]`` and itself.
-
-        ``mask``: ``[S, T + S]`` bool, what each block slot may see (None: everything)."""
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attend: Attend) -> Tensor:
+        """Block ``x`` ``[B, S, H]``: ``attend(q, k, v)`` takes its queries ``[B, heads, S, D]`` and keys/values
+        ``[B, kv_heads, S, D]`` (normed, rotated) to the attention output ``[B, S, heads, D]``, over whatever
+        context it holds."""
         b, s, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(b, s, self.num_heads, self.head_dim)).transpose(1, 2)
         q = _rotate(q, cos, sin)
-        k_blk, v_blk = self.key_value(x, cos, sin)
-        k = torch.cat([context_k, k_blk], dim=2)
-        v = torch.cat([context_v, v_blk], dim=2)
-        groups = self.num_heads // self.kv_heads
-        if groups > 1:
-            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.head_dim ** -0.5)
-        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+        k, v = self.key_value(x, cos, sin)
+        return self.o_proj(attend(q, k, v).reshape(b, s, -1))
 
 
 class HeadLayer(nn.Module):
@@ -75,9 +75,8 @@ class HeadLayer(nn.Module):
         self.post_attention_layernorm = Qwen3RMSNorm(spec.hidden_size, eps=config.rms_norm_eps)
         self.mlp = Qwen3MLP(config)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, context_k: Tensor, context_v: Tensor,
-                mask: Tensor | None) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, context_k, context_v, mask)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, attend: Attend) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attend)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -109,6 +108,7 @@ class DraftHead(nn.Module):
             self.hidden_dim_adapter = HiddenDimAdapter(spec.target_hidden_size, spec.hidden_size)
         # Outside the module tree, so that casting the head to bf16 leaves RoPE's frequencies in fp32.
         self.__dict__["_rotary"] = Qwen3RotaryEmbedding(config=config)
+        self._block_masks: tuple[Tensor, Tensor | None] | None = None  # forward_cached's, made once per shape
 
     def rope(self, x: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
         """cos, sin ``[B, T, D]`` at ``positions`` ``[B, T]``, in ``x``'s dtype."""
@@ -144,7 +144,40 @@ class DraftHead(nn.Module):
         if mask is None and self.spec.causal:
             s, t = block.shape[1], context[0][0].shape[2]
             mask = torch.ones(s, t + s, dtype=torch.bool, device=block.device).tril(diagonal=t)
-        x = block
-        for layer, (k, v) in zip(self.layers, context):
-            x = layer(x, cos, sin, k, v, mask)
+        scale = self.spec.head_dim ** -0.5
+
+        def after_context(k_ctx: Tensor, v_ctx: Tensor) -> Attend:
+            def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+                out = sdpa(q, torch.cat([k_ctx, k], dim=2), torch.cat([v_ctx, v], dim=2), mask, scale)
+                return out.transpose(1, 2)
+            return attend
+
+        return self._layers(block, cos, sin, [after_context(k, v) for k, v in context])
+
+    def forward_cached(self, block: Tensor, positions: Tensor, cache: KVCache, prefix_len: Tensor) -> Tensor:
+        """:meth:`forward` with the context K/V in ``cache`` (slot = position) and its length ``prefix_len``
+        ``[B]`` on the device: the block's K/V go to the slots of its ``positions`` (``prefix_len + 0..S-1``),
+        and nothing depends on a host value that changes between rounds (CUDA graphs)."""
+        b, s, _ = block.shape
+        masks = self._block_masks
+        if masks is None or masks[0].shape != (b, s, s) or masks[0].device != block.device:
+            visible = torch.ones(b, s, s, dtype=torch.bool, device=block.device)
+            if self.spec.causal:
+                visible = visible.tril()
+            # The op takes masks that only look back, as packed bits: a causal block is a chain.
+            self._block_masks = (visible, pack_mask(visible) if self.spec.causal else None)
+        visible, ancestors = self._block_masks
+        cos, sin = self.rope(block, positions)
+        scale = self.spec.head_dim ** -0.5
+
+        def in_layer(layer: int) -> Attend:
+            def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+                return cached_tree_attention(q, k, v, cache, layer, positions, prefix_len, ancestors, visible, scale)
+            return attend
+
+        return self._layers(block, cos, sin, [in_layer(i) for i in range(len(self.layers))])
+
+    def _layers(self, x: Tensor, cos: Tensor, sin: Tensor, attends: list[Attend]) -> Tensor:
+        for layer, attend in zip(self.layers, attends):
+            x = layer(x, cos, sin, attend)
         return self.norm(x)
