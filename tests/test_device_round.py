@@ -15,6 +15,7 @@ import jetspec
 from jetspec.device_round import ROUND_PHASES, DeviceRound
 from jetspec.drafter import Drafter, HeadDrafter, OracleDrafter
 from jetspec.target import Target
+from jetspec.tree import build_tree
 
 from conftest import HAS_CUDA, requires_cuda
 from test_spec import greedy_sequence, hf_greedy, mid_round_eos, random_head, random_prompt
@@ -185,6 +186,29 @@ def test_profiled_device_round_times_every_phase():
     out = gen.generate(prompt, max_new_tokens=12)
     assert out.sequences.tolist() == hf_greedy(model, prompt, 12).tolist()
     assert all(out.stats.phase_seconds[p] > 0 for p in ("prefill",) + ROUND_PHASES)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_draft_step_compiles_to_one_graph(causal):
+    """The device round's draft step (the head over its cached context, top-K, build_tree) traces without a
+    graph break under torch.compile (fullgraph) and gives the eager step's tree."""
+    model = qwen3(True)
+    target = Target(model)
+    drafter = HeadDrafter(random_head(model, layers=2, block=8, causal=causal, seed=3), target)
+    cache = target.new_cache(1, 256)
+    logits, tapped = target.prefill(random_prompt(model, 30, seed=3).to(DEVICE), cache, drafter.tap_layers)
+    drafter.start(tapped, cache.capacity)
+    anchor, n = logits[:, -1].argmax(-1), torch.tensor([30], device=DEVICE)
+
+    def draft_step(anchor, n):
+        logprobs, ids = drafter.candidates_at(drafter.draft_at(anchor, n), 4)
+        return build_tree(logprobs, ids, anchor, n, 32)
+
+    # aot_eager traces what inductor would (fake impls, no graph break) and keeps the eager kernels, so the
+    # trees compare exactly (test_draft_topk compiles the op with inductor on CUDA).
+    compiled = torch.compile(draft_step, fullgraph=True, backend="aot_eager")
+    for got, want in zip(compiled(anchor, n), draft_step(anchor, n)):
+        assert torch.equal(got, want)
 
 
 # ------------------------------------------------------------------ CUDA: the shipped path, syncs, graphs

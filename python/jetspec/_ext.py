@@ -19,5 +19,12 @@ WITH_CUDA: bool = bool(_C.WITH_CUDA)
 
 def has_kernel(op: str, device: torch.device) -> bool:
     """Whether ``torch.ops.jetspec.<op>`` has a compiled kernel for ``device``'s type."""
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device.type)
+    return _has_kernel(op, device.type)
+
+
+# Fixed once the extension is loaded: torch.compile takes the answer as a constant instead of tracing
+# the dispatcher query.
+@torch.compiler.assume_constant_result
+def _has_kernel(op: str, device_type: str) -> bool:
+    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
     return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(f"jetspec::{op}", key)
