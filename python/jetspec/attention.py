@@ -47,7 +47,7 @@ class TreeBatch:
     visible: Tensor | None = None  # [batch, n, n] bool: new token i may attend new token j
     ancestors: Tensor | None = None  # [batch, n, ceil(n / 32)] int32: the same mask, packed (trees only)
     prefix_len: Tensor | None = None  # [batch] int64 on the device: the prefix length per row, for the op
-    slots: Tensor | None = None  # [batch, n] int64: prefix_len + 0..n-1, made on first use (device round)
+    slots: Tensor | None = None  # [batch, n] int64: prefix_len + 0..n-1, made once per forward (device round)
 
     def dense_visible(self) -> Tensor:
         """``visible``, unpacked from ``ancestors`` on first use when only those were given (the op needs no
@@ -104,23 +104,21 @@ def masked_tree_attention(query: Tensor, key_cache: Tensor, value_cache: Tensor,
     return sdpa(query, key_cache.transpose(1, 2), value_cache.transpose(1, 2), mask.unsqueeze(1), scale)
 
 
-def cached_tree_attention(query: Tensor, key: Tensor, value: Tensor, cache: KVCache, layer: int, slots: Tensor,
-                          prefix_len: Tensor, ancestors: Tensor | None, visible: Tensor | None,
+def cached_tree_attention(query: Tensor, key: Tensor, value: Tensor, batch: TreeBatch, layer: int,
                           scale: float) -> Tensor:
-    """The device round's attention of one layer: store the new ``key``/``value`` ``[B, Hkv, n, D]`` at
-    ``slots`` (= ``prefix_len + 0..n-1``), then attend ``query`` ``[B, Hq, n, D]`` over the prefix and the new
-    tokens: the ``tree_attention`` op where it applies (packed ``ancestors``, i.e. a mask that only looks
-    back), else :func:`masked_tree_attention` with ``visible`` (unpacked from ``ancestors`` when None).
-    Returns ``[B, n, Hq, D]``."""
+    """The device round's attention of one layer (``batch.start`` None): store the new ``key``/``value``
+    ``[B, Hkv, n, D]`` at ``prefix_len + 0..n-1``, then attend ``query`` ``[B, Hq, n, D]`` over the prefix and
+    the new tokens: the ``tree_attention`` op where it applies (packed ``ancestors``, i.e. a mask that only
+    looks back), else :func:`masked_tree_attention` with the dense mask. Returns ``[B, n, Hq, D]``."""
     n = query.shape[2]
-    cache.scatter(layer, slots, key, value)
+    cache = batch.cache
+    cache.scatter(layer, batch.new_slots(n), key, value)
     key_cache, value_cache = cache.data[layer, 0], cache.data[layer, 1]
-    if ancestors is not None and op_applies(query):
-        return ops.tree_attention(query.transpose(1, 2), key_cache, value_cache, prefix_len, ancestors, scale,
-                                  max_prefix=cache.capacity - n)
-    if visible is None:
-        visible = ancestor_mask(ancestors, n)
-    return masked_tree_attention(query, key_cache, value_cache, prefix_len, visible, scale).transpose(1, 2)
+    if batch.ancestors is not None and op_applies(query):
+        return ops.tree_attention(query.transpose(1, 2), key_cache, value_cache, batch.prefix_len, batch.ancestors,
+                                  scale, max_prefix=cache.capacity - n)
+    return masked_tree_attention(query, key_cache, value_cache, batch.prefix_len, batch.dense_visible(),
+                                 scale).transpose(1, 2)
 
 
 def tree_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value: Tensor,
@@ -135,9 +133,7 @@ def tree_attention_forward(module: nn.Module, query: Tensor, key: Tensor, value:
     n = query.shape[2]
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if batch.start is None:
-        out = cached_tree_attention(query, key, value, batch.cache, layer, batch.new_slots(n), batch.prefix_len,
-                                    batch.ancestors, batch.visible, scale)
-        return out, None
+        return cached_tree_attention(query, key, value, batch, layer, scale), None
     batch.cache.write(layer, batch.start, key, value)
     if batch.ancestors is not None and op_applies(query):
         out = ops.tree_attention(query.transpose(1, 2), batch.cache.data[layer, 0], batch.cache.data[layer, 1],

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from transformers import Qwen3Config
 from transformers.models.qwen3.modeling_qwen3 import Qwen3MLP, Qwen3RMSNorm, Qwen3RotaryEmbedding
 
-from ..attention import cached_tree_attention, sdpa
+from ..attention import TreeBatch, cached_tree_attention, sdpa
 from ..cache import KVCache
 from ..tree import pack_mask
 from .config import HeadSpec
@@ -167,12 +167,14 @@ class DraftHead(nn.Module):
             # The op takes masks that only look back, as packed bits: a causal block is a chain.
             self._block_masks = (visible, pack_mask(visible) if self.spec.causal else None)
         visible, ancestors = self._block_masks
+        batch = TreeBatch(cache=cache, start=None, visible=visible, ancestors=ancestors, prefix_len=prefix_len,
+                          slots=positions)
         cos, sin = self.rope(block, positions)
         scale = self.spec.head_dim ** -0.5
 
         def in_layer(layer: int) -> Attend:
             def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-                return cached_tree_attention(q, k, v, cache, layer, positions, prefix_len, ancestors, visible, scale)
+                return cached_tree_attention(q, k, v, batch, layer, scale)
             return attend
 
         return self._layers(block, cos, sin, [in_layer(i) for i in range(len(self.layers))])
