@@ -54,18 +54,16 @@ def _events() -> tuple[torch.cuda.Event, torch.cuda.Event]:
 
 def _replay_times(graphs: list[tuple[str, torch.cuda.CUDAGraph]], rounds: DeviceRound) -> dict[str, float]:
     """Median GPU microseconds of each graph, replaying the list ``ROUNDS`` times from the prefilled state."""
-    saved = rounds.n.clone(), rounds.anchor.clone()
     marks = []
-    for _ in range(ROUNDS):
-        for name, graph in graphs:
-            start, end = _events()
-            start.record()
-            graph.replay()
-            end.record()
-            marks.append((name, start, end))
-    torch.cuda.synchronize()
-    rounds.n.copy_(saved[0])
-    rounds.anchor.copy_(saved[1])
+    with rounds.rewound():
+        for _ in range(ROUNDS):
+            for name, graph in graphs:
+                start, end = _events()
+                start.record()
+                graph.replay()
+                end.record()
+                marks.append((name, start, end))
+        torch.cuda.synchronize()
     times: dict[str, list[float]] = {}
     for name, start, end in marks:
         times.setdefault(name, []).append(start.elapsed_time(end) * 1e3)
@@ -73,39 +71,36 @@ def _replay_times(graphs: list[tuple[str, torch.cuda.CUDAGraph]], rounds: Device
 
 
 def _eager_round_us(rounds: DeviceRound) -> float:
-    saved = rounds.n.clone(), rounds.anchor.clone()
     times = []
-    for _ in range(ROUNDS):
-        start, end = _events()
-        start.record()
-        rounds.step()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3)
-    rounds.n.copy_(saved[0])
-    rounds.anchor.copy_(saved[1])
+    with rounds.rewound():
+        for _ in range(ROUNDS):
+            start, end = _events()
+            start.record()
+            rounds.step()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) * 1e3)
     return statistics.median(times)
 
 
 def _sync_counts(rounds: DeviceRound, graph: torch.cuda.CUDAGraph) -> dict:
-    saved = rounds.n.clone(), rounds.anchor.clone()
-    torch.cuda.synchronize()
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        for _ in range(10):
-            graph.replay()
-    torch.cuda.synchronize()
-    names = [e.name for e in prof.events()]
-    syncing = [n for n in names if "Synchronize" in n or n in ("cudaMemcpy", "cudaMemset", "cudaMalloc", "cudaFree")]
-    torch.cuda.set_sync_debug_mode("warn")
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            for _ in range(3):
-                rounds.step()
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
-    rounds.n.copy_(saved[0])
-    rounds.anchor.copy_(saved[1])
+    with rounds.rewound():
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for _ in range(10):
+                graph.replay()
+        torch.cuda.synchronize()
+        names = [e.name for e in prof.events()]
+        syncing = [n for n in names if "Synchronize" in n or n in ("cudaMemcpy", "cudaMemset", "cudaMalloc",
+                                                                   "cudaFree")]
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                for _ in range(3):
+                    rounds.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
     return {"replays": 10, "graph_launches": names.count("cudaGraphLaunch"), "syncing_calls": len(syncing),
             "syncing_call_names": sorted(set(syncing)),
             "eager_syncs": sum("synchroniz" in str(w.message) for w in caught)}

@@ -188,6 +188,27 @@ def test_profiled_device_round_times_every_phase():
     assert all(out.stats.phase_seconds[p] > 0 for p in ("prefill",) + ROUND_PHASES)
 
 
+def test_rewound_rounds_leave_the_state_as_it_was():
+    """What graph capture's warm-up relies on: rounds run inside rewound() change nothing the next round sees."""
+    model = qwen3(True)
+    target = Target(model)
+    head = random_head(model, layers=1, block=8, causal=True, seed=4)
+    prompt = random_prompt(model, 20, seed=4).to(DEVICE)
+    results = []
+    for warm_up in (False, True):
+        rounds = DeviceRound(target, HeadDrafter(head, target), budget=16, width=2, depth=7, capacity=1024)
+        rounds.prefill(prompt)
+        if warm_up:
+            with rounds.rewound():
+                rounds.step()
+                rounds.step()
+            assert int(rounds.n) == 20
+        rounds.step()
+        rounds.step()
+        results.append((rounds.result.tolist(), int(rounds.n), int(rounds.anchor)))
+    assert results[0] == results[1]
+
+
 @pytest.mark.parametrize("causal", [True, False])
 def test_draft_step_compiles_to_one_graph(causal):
     """The device round's draft step (the head over its cached context, top-K, build_tree) traces without a

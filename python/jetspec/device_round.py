@@ -17,7 +17,7 @@ cache slots at or past the new ``n``, which no later round reads before overwrit
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, ContextManager
+from typing import Callable, ContextManager, Iterator
 
 import torch
 from torch import Tensor
@@ -73,6 +73,17 @@ class DeviceRound:
         self.n.fill_(prompt.shape[1])
         return self.anchor
 
+    @contextlib.contextmanager
+    def rewound(self) -> Iterator[None]:
+        """Rounds run inside the block leave the state as it was: they only write cache slots at or past
+        ``n``, and ``n`` and the anchor are restored after them (warm-ups, timing runs)."""
+        saved = self.n.clone(), self.anchor.clone()
+        try:
+            yield
+        finally:
+            self.n.copy_(saved[0])
+            self.anchor.copy_(saved[1])
+
     # -- CUDA graphs ----------------------------------------------------------------------------
 
     def capture(self) -> torch.cuda.CUDAGraph:
@@ -82,24 +93,21 @@ class DeviceRound:
     def capture_phases(self, whole: bool = False) -> list[tuple[str, torch.cuda.CUDAGraph]]:
         """One CUDA graph per phase, to replay in order (a round whose phases can be timed apart), or with
         ``whole`` a single ``("round", graph)``. Warm-up rounds run first (on a side stream, as
-        :func:`torch.cuda.graph` asks); they only write cache slots at or past ``n``, and ``n`` and the anchor
-        are restored after them, so the prefilled state is unchanged."""
+        :func:`torch.cuda.graph` asks), :meth:`rewound`, so the prefilled state is unchanged."""
         device = self.n.device
-        saved = self.n.clone(), self.anchor.clone()
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self.step()
-        torch.cuda.current_stream(device).wait_stream(side)
         graphs = []
-        for name, run in [("round", self.step)] if whole else self.phases():
-            graph = torch.cuda.CUDAGraph()
-            with torch.no_grad(), torch.cuda.graph(graph):
-                run()
-            graphs.append((name, graph))
-        self.n.copy_(saved[0])
-        self.anchor.copy_(saved[1])
+        with self.rewound():
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self.step()
+            torch.cuda.current_stream(device).wait_stream(side)
+            for name, run in [("round", self.step)] if whole else self.phases():
+                graph = torch.cuda.CUDAGraph()
+                with torch.no_grad(), torch.cuda.graph(graph):
+                    run()
+                graphs.append((name, graph))
         return graphs
 
     # -- the round (device only) ---------------------------------------------------------------
