@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import jetspec
-from jetspec.tree import ancestor_mask, build_tree, words_for
+from jetspec.tree import ancestor_mask, build_tree, pack_mask, words_for
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,6 +227,7 @@ def test_ancestor_bits_are_the_path(budget, gen):
                 j = parents[j]
         assert torch.equal(mask, dense)
         assert torch.equal(mask.sum(-1)[:n], tree.depths[b, :n] + 1)
+        assert torch.equal(pack_mask(dense), tree.ancestors[b])  # packing is the inverse, word for word
 
 
 def test_ancestor_mask_bit_order():
@@ -237,6 +238,7 @@ def test_ancestor_mask_bit_order():
     assert mask[0, 0].nonzero().flatten().tolist() == [31]
     assert mask[0, 1].nonzero().flatten().tolist() == [32, 34]
     assert ancestor_mask(words, 33)[0, 1].nonzero().flatten().tolist() == [32]
+    assert torch.equal(pack_mask(mask), words)
 
 
 def test_padding_rows_see_only_themselves(gen):

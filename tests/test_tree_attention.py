@@ -7,9 +7,9 @@ import torch.nn.functional as F
 
 import jetspec
 from jetspec import reference
-from jetspec.tree import build_tree
+from jetspec.tree import build_tree, pack_mask
 from conftest import requires_cuda
-from trees import pack_rows, random_deep_parents, random_parents, visible_from_parents
+from trees import random_deep_parents, random_parents, visible_from_parents
 
 # Error bounds against the float32 reference: over the whole output, and per output row (so that one
 # wrong row cannot hide in a large tensor).
@@ -22,7 +22,7 @@ def make_trees(batch, nodes, g, max_depth=32):
         visible_from_parents(random_deep_parents(nodes, g, max_depth) if b % 2 == 0 else random_parents(nodes, g))
         for b in range(batch)
     ])
-    return pack_rows(visible), visible
+    return pack_mask(visible), visible
 
 
 def make_case(batch, nodes, prefixes, q_heads, kv_heads, dim, dtype, device, g, layers=2, fused_qkv=False):
@@ -101,7 +101,7 @@ def test_ancestor_bits_of_later_nodes_are_ignored(device, gen):
         1, 40, [10], 2, 1, 64, torch.float16, device, gen)
     everything = torch.full_like(ancestors, -1)  # all bits set: the mask is then "every node up to me"
     got = run_op(query, key_cache, value_cache, prefix_len, everything)
-    chain = pack_rows(torch.ones(40, 40, dtype=torch.bool).tril()).unsqueeze(0).to(device)
+    chain = pack_mask(torch.ones(40, 40, dtype=torch.bool).tril()).unsqueeze(0).to(device)
     assert torch.equal(got, run_op(query, key_cache, value_cache, prefix_len, chain))
 
 

@@ -49,14 +49,3 @@ def visible_from_parents(parents: torch.Tensor) -> torch.Tensor:
             visible[i, j] = True
             j = int(parents[j])
     return visible
-
-
-def pack_rows(visible: torch.Tensor) -> torch.Tensor:
-    """Pack a ``[..., N, N]`` bool mask as build_tree does: bit j % 32 of int32 word j // 32."""
-    n = visible.shape[-1]
-    words = (n + 31) // 32
-    padded = torch.zeros(*visible.shape[:-1], words * 32, dtype=torch.int64)
-    padded[..., :n] = visible.long()
-    weights = torch.ones(32, dtype=torch.int64) << torch.arange(32)
-    packed = (padded.view(*visible.shape[:-1], words, 32) * weights).sum(-1)
-    return (packed - ((packed >> 31) << 32)).to(torch.int32)  # the low 32 bits, as signed int32
