@@ -30,6 +30,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
+#include <algorithm>
 #include <cstring>
 #include <type_traits>
 
@@ -477,23 +478,17 @@ constexpr bool kBuiltForSm90a = false;
 constexpr int kMaxSplits = 128;
 constexpr int64_t kMinTilesPerSplit = 2;  // fewer keys per block and the prologue/epilogue dominate
 
-// Flash-decoding's rule: no split when the blocks already (nearly) fill the chip; otherwise the fewest
-// splits whose last wave is within 90% of the best wave efficiency reachable, so that small trees at
-// long prefixes get a full chip without multiplying partial-buffer traffic for nothing.
-int choose_splits(int64_t blocks, int64_t slots, int64_t key_tiles) {
+// Flash-decoding's rule: no split when the blocks already (nearly) fill the chip; otherwise as many
+// splits as one wave holds. A wave is every block slot for the tiles bound by the tensor cores (and the
+// 1-warp decode block, which needs both slots' loads in flight), but one block per SM for the 64-row
+// tile, which is bound by K/V bytes: a second one per SM adds partial-buffer traffic and no bandwidth.
+// Measured on the H100 at 32k (bench/results/h100/wgmma/variants_small_trees.json): N = 16 (64-row
+// tile) 56.0 us at 16 splits against 63.6 us at the 30 of the earlier "fewest splits within 90% of the
+// best wave efficiency" rule; N = 64 (128-row tile, 16 blocks) 84.2 us at 16 splits against 88.4 at 15.
+int choose_splits(int64_t blocks, int64_t wave, int64_t slots, int64_t key_tiles) {
   if (5 * blocks >= 4 * slots) return 1;
-  int64_t most = key_tiles / kMinTilesPerSplit;
-  most = most < kMaxSplits ? most : kMaxSplits;
-  if (most <= 1) return 1;
-  auto efficiency = [&](int64_t s) {
-    const int64_t work = blocks * s, waves = (work + slots - 1) / slots;
-    return static_cast<double>(work) / static_cast<double>(waves * slots);
-  };
-  double best = 0.0;
-  for (int64_t s = 1; s <= most; ++s) best = efficiency(s) > best ? efficiency(s) : best;
-  for (int64_t s = 1; s <= most; ++s)
-    if (efficiency(s) >= 0.9 * best) return static_cast<int>(s);
-  return 1;
+  const int64_t most = std::min<int64_t>(key_tiles / kMinTilesPerSplit, kMaxSplits);
+  return static_cast<int>(std::max<int64_t>(1, std::min(most, wave / blocks)));
 }
 
 }  // namespace
@@ -523,7 +518,8 @@ cudaError_t tree_attention_plan(const TreeAttentionArgs& a, TreeAttentionPlan* p
     const int64_t blocks = static_cast<int64_t>(a.batch) * a.kv_heads * plan->row_tiles;
     const int64_t slots = static_cast<int64_t>(sms) * (per_sm > 0 ? per_sm : 1);
     const int64_t key_tiles = (a.max_prefix + a.nodes + Cfg::kKeys - 1) / Cfg::kKeys;
-    plan->splits = choose_splits(blocks, slots, key_tiles);
+    const int64_t wave = kind == kMedium ? sms : slots;
+    plan->splits = choose_splits(blocks, wave, slots, key_tiles);
     return cudaSuccess;
   });
 }
