@@ -35,6 +35,24 @@ def _tree(nodes: int, g: torch.Generator) -> torch.Tensor:
     return build_tree(logprobs, ids, torch.tensor([0]), torch.tensor([0]), nodes).ancestors
 
 
+def problem(nodes: int, prefix: int, device: torch.device, g: torch.Generator):
+    """One shape's inputs and the op call on them: the tree's ancestor bits [1, N, words], the K/V cache
+    [2, 1, prefix + N, Hkv, d], the queries [1, Hq, N, d] (the op reads them transposed, as the HF
+    projections arrive), the output [1, N, Hq, d], and ``op()`` that fills it."""
+    ancestors = _tree(nodes, g).to(device)
+    cache = torch.randn(2, 1, prefix + nodes, KV_HEADS, HEAD_DIM, device=device, dtype=torch.bfloat16)
+    q = torch.randn(1, Q_HEADS, nodes, HEAD_DIM, device=device, dtype=torch.bfloat16)
+    query = q.transpose(1, 2)
+    prefix_len = torch.tensor([prefix], device=device)
+    out = torch.empty(1, nodes, Q_HEADS, HEAD_DIM, device=device, dtype=torch.bfloat16)
+
+    def op():
+        torch.ops.jetspec.tree_attention(query, cache[0], cache[1], prefix_len, ancestors, HEAD_DIM ** -0.5, prefix,
+                                         out)
+
+    return ancestors, cache, q, out, op
+
+
 def _peer_ms(timer: Timer, fn) -> float | None:
     try:
         return timer.graph_ms(fn, reps=10)
@@ -55,20 +73,9 @@ def run(timer: Timer, ceil: Ceilings) -> list[dict]:
     for prefix in PREFIXES:
         for nodes in NODES:
             keys = prefix + nodes
-            ancestors = _tree(nodes, g).to(device)
+            ancestors, cache, q, out, op = problem(nodes, prefix, device, g)
             tree = ancestor_mask(ancestors[0], nodes)  # [N, N] bool
-            cache = torch.randn(2, 1, keys, KV_HEADS, HEAD_DIM, device=device, dtype=torch.bfloat16)
-            key_cache, value_cache = cache[0], cache[1]
-            q = torch.randn(1, Q_HEADS, nodes, HEAD_DIM, device=device, dtype=torch.bfloat16)
-            query = q.transpose(1, 2)  # [1, N, Hq, d] view, as the HF projections arrive
-            prefix_len = torch.tensor([prefix], device=device)
-            out = torch.empty(1, nodes, Q_HEADS, HEAD_DIM, device=device, dtype=torch.bfloat16)
-
-            def op():
-                torch.ops.jetspec.tree_attention(query, key_cache, value_cache, prefix_len, ancestors, scale, prefix,
-                                                 out)
-
-            k, v = key_cache.transpose(1, 2).contiguous(), value_cache.transpose(1, 2).contiguous()  # [1, Hkv, T, d]
+            k, v = cache[0].transpose(1, 2).contiguous(), cache[1].transpose(1, 2).contiguous()  # [1, Hkv, T, d]
             mask = torch.cat([torch.ones(nodes, prefix, dtype=torch.bool, device=device), tree], dim=1)[None, None]
             k_wide = k.repeat_interleave(Q_HEADS // KV_HEADS, dim=1)
             v_wide = v.repeat_interleave(Q_HEADS // KV_HEADS, dim=1)

@@ -15,7 +15,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import jetspec  # noqa: F401  (registers the ops)
 
-from .bench_tree_attention import HEAD_DIM, KV_HEADS, Q_HEADS, _tree
+from .bench_tree_attention import problem
 
 PREFIX = 32768
 NODES = [16, 64, 128]
@@ -24,17 +24,8 @@ CALLS = 20
 
 def kernel_us(nodes: int) -> dict[str, float]:
     """Mean device time (us) of each tree_attention kernel over CALLS calls."""
-    device, g = torch.device("cuda"), torch.Generator().manual_seed(0)
-    ancestors = _tree(nodes, g).to(device)
-    cache = torch.randn(2, 1, PREFIX + nodes, KV_HEADS, HEAD_DIM, device=device, dtype=torch.bfloat16)
-    query = torch.randn(1, Q_HEADS, nodes, HEAD_DIM, device=device, dtype=torch.bfloat16).transpose(1, 2)
-    out = torch.empty(1, nodes, Q_HEADS, HEAD_DIM, device=device, dtype=torch.bfloat16)
-    prefix_len = torch.tensor([PREFIX], device=device)
-    flush = torch.empty(256 << 20, dtype=torch.int8, device=device)
-
-    def op():
-        torch.ops.jetspec.tree_attention(query, cache[0], cache[1], prefix_len, ancestors, HEAD_DIM ** -0.5,
-                                         PREFIX, out)
+    _, _, _, _, op = problem(nodes, PREFIX, torch.device("cuda"), torch.Generator().manual_seed(0))
+    flush = torch.empty(256 << 20, dtype=torch.int8, device="cuda")
 
     op()
     torch.cuda.synchronize()
