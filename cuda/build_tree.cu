@@ -12,7 +12,27 @@
 // +0.0 (so no score is ever -0.0 and bit patterns order like values), and ties go to the lower node
 // index because the node index sits in the top bits of the word compared last.
 //
-// Phase 1 (warp 0): entry e is owned by lane e % 32, which keeps the best candidate of its entries
+// Phase 1 has two paths. The threshold path (half the block) serves the wide trees of many expansions,
+// where a chain of single pops is long; the pop path (warp 0) serves the rest, and every tree the
+// threshold path cannot settle.
+//
+// Threshold path (warps 0-15; warps 16-31 meanwhile zero the ancestor rows). Expansion 0 is the
+// root's; the others are the best T = ceil((N - 1) / K) - 1 expandable nodes (depth < D) in heap
+// order. (1) A bound tau with at least T + 1 such nodes scoring tau or more: every log-prob is
+// rounded away from zero to a multiple of h (so a rounded score never exceeds the true one) and a
+// histogram of rounded scores over 1024 bins of width h is propagated depth by depth (bin j gains
+// bin j - q from each candidate of rounded size q h); the first bin where the running count reaches
+// T + 1 gives tau. h spans a score every node of the first full levels holding T + 1 nodes reaches,
+// so tau is never below it. (2) Every expandable node scoring tau or more is found, depth by depth:
+// a parent's children above tau are a prefix of its candidates, and a warp-wide prefix sum plus one
+// shared atomic per warp gives them slots. (3) A bucket sort orders them by score, then by parent,
+// then by slot (rank, for siblings). The first T are the expansions when no node among them scores
+// the same as a node of another parent: then the heap's order is the score order, and sibling ties
+// go by rank as in the heap. Otherwise (a tie between cousins or between a node and its parent, all
+// log-probs 0, more than kFound nodes above tau, more than kBucketCrowd in one bucket) the pop path
+// builds the tree instead; a log-prob repeated within a row, the common cause of ties, sends the tree
+// to the pop path before the threshold path starts.
+// Pop path (warp 0): entry e is owned by lane e % 32, which keeps the best candidate of its entries
 // in a register; the candidates live in shared memory, each owner's side by side. A pop is a
 // warp-wide argmax: reductions on the high word of the score, which almost always leave one lane,
 // then on the low word and the node index. After a pop only the popped entry's owner has a stale
@@ -39,6 +59,22 @@ constexpr unsigned kFull = 0xffffffffu;
 // (1 + K * entries < N): with K >= 2 fewer than N / 2 of them, so at most kSlots = 16 per owner
 // lane; with K = 1 the tree is a chain and there are fewer than D.
 constexpr int kSlots = kTreeMaxNodes / 2 / 32;
+// The threshold path runs on the first kGroup threads (barrier 1) while the others zero the ancestor
+// rows (a single block stores them at about 10 bytes a cycle). Two score bins per thread; bin counts
+// saturate at kCountCap, so that a prefix over all bins fits 32 bits; at most kFound nodes above
+// the bound (twice the most expansions).
+constexpr int kGroup = 512;
+constexpr int kGroupWarps = kGroup / 32;
+constexpr int kBins = 2 * kGroup;
+constexpr uint32_t kCountCap = 1u << 20;
+constexpr int kFound = 1024;
+constexpr int kBuckets = 2 * kGroup;  // of the sort by score
+constexpr uint32_t kBucketCrowd = 64;
+// Below this many expansions beyond the root, the pop path's short chain beats the threshold path's
+// fixed cost: on the H100 the pop path was faster at 31 expansions (K = 2 / 4 / 8 / 16 / 32) and
+// slower at 63, by 1-3 us either way (bench/results/h100/build_tree_threshold/paths_forced.txt).
+constexpr int kThresholdMinExpansions = 40;
+constexpr unsigned kZeroPauseNs = 300;  // see zero_ancestors
 
 // A candidate in the reference heap's order: higher score first, then lower node index. `score` is the
 // float64 bit pattern mapped so that unsigned order is numeric order; w packs the node index (bits
@@ -58,15 +94,19 @@ __device__ __forceinline__ Key best_of(const Key& a, const Key& b) {
 
 // Negative scores get every bit flipped, the others their sign bit set: then unsigned order is
 // numeric order (a shift and two logic ops, no branch).
-__device__ __forceinline__ Key encode(double score, uint32_t w) {
+__device__ __forceinline__ uint64_t encode_score(double score) {
   const uint64_t u = static_cast<uint64_t>(__double_as_longlong(score));
-  return {u ^ (static_cast<uint64_t>(static_cast<int64_t>(u) >> 63) | (1ull << 63)), w};
+  return u ^ (static_cast<uint64_t>(static_cast<int64_t>(u) >> 63) | (1ull << 63));
 }
 
-__device__ __forceinline__ double decode(const Key& k) {
-  const uint64_t flip = ~static_cast<uint64_t>(static_cast<int64_t>(k.score) >> 63) | (1ull << 63);
-  return __longlong_as_double(static_cast<long long>(k.score ^ flip));
+__device__ __forceinline__ Key encode(double score, uint32_t w) { return {encode_score(score), w}; }
+
+__device__ __forceinline__ double decode_score(uint64_t score) {
+  const uint64_t flip = ~static_cast<uint64_t>(static_cast<int64_t>(score) >> 63) | (1ull << 63);
+  return __longlong_as_double(static_cast<long long>(score ^ flip));
 }
+
+__device__ __forceinline__ double decode(const Key& k) { return decode_score(k.score); }
 
 __device__ __forceinline__ uint32_t pack(int node, int entry, int rank, int row) {
   return static_cast<uint32_t>(node) << 20 | static_cast<uint32_t>(entry) << 10 | static_cast<uint32_t>(rank) << 5 |
@@ -112,24 +152,56 @@ __device__ __forceinline__ void warp_best(const Key& a, const Key& b, Key& best_
 // Node record in shared memory: parent + 1 (bits 16-26), depth (8-13), rank among its siblings (0-4).
 __device__ __forceinline__ int parent_of(uint32_t node) { return static_cast<int>(node >> 16) - 1; }
 
-// Shared memory of phase 1, in one struct so that every access is one base register plus an offset.
+// The pop path's shared memory, in one struct so that every access is one base register plus an offset.
 struct Frontier {
-  double lp[kTreeMaxDepth * kTreeMaxWidth];  // topk_logprobs, widened once as the reference does
   // cand[32 l + i] is the candidate of entry 32 i + l; slots past kSlots are never used, so that
   // lane i can load slot i of any owner unconditionally.
   uint4 cand[32 * 32];
   double parent_score[32 * kSlots];  // of each entry's parent
+};
+
+// The threshold path's shared memory while it counts...
+struct Counting {
+  uint32_t hist[2][2 * kBins];  // kBins zeros, then nodes per rounded score, at the depth just done and the next
+  int step[kTreeMaxDepth * kTreeMaxWidth];  // each candidate's rounded size, in bins
+};
+
+// ... and once it has found the nodes above its bound. A node's slot is its index in these arrays
+// until the sort, which moves only key and order.
+struct Found {
+  uint64_t key[kFound];  // encode_score(score)
+  // parent field << 10 | slot: ordering by it after the score keeps siblings in rank order.
+  uint32_t order[kFound];
+  // parent field (0 for the root, else the parent's slot + 1) | depth << 12 | rank << 20; after the
+  // sort, the slot's expansion number.
+  uint32_t node[kFound];
+  uint32_t bucket[kBuckets];  // nodes per score bucket, then the bucket's first position
+  uint32_t ranked[kFound];    // slots grouped by bucket (arrival order within one), then in heap order
+};
+
+struct Shared {
+  double lp[kTreeMaxDepth * kTreeMaxWidth];  // topk_logprobs, widened once as the reference does
+  int64_t id[kTreeMaxDepth * kTreeMaxWidth];
   // Expansion x (x = 0 is the root's) creates nodes 1 + K x ... 1 + K x + K - 1 (the last one fewer,
   // where the budget ends); expanded[x] is its popped node | that node's depth << 16.
   uint32_t expanded[kTreeMaxNodes];
+  union {
+    Frontier frontier;
+    Counting counting;
+    Found found;
+    uint32_t node[kTreeMaxNodes];  // phase 2's node records
+  };
+  int level_size[kTreeMaxDepth];  // threshold path: nodes found at each depth
+  uint64_t warp_total[kGroupWarps];  // threshold path: scan scratch
+  double low;                     // threshold path: the lowest score the bins span, or -inf
+  int bin;                        // threshold path: the bin that sets the bound
+  int count;                      // nodes built
 };
 
-// Phase 1, run by the 32 lanes of warp 0: fills f.expanded and returns the number of nodes.
-__device__ int grow(Frontier& f, int depth, int width, int budget, int lane) {
-  const double* lp = f.lp;
+// Phase 1, pop path, run by the 32 lanes of warp 0: fills expanded and returns the number of nodes.
+__device__ int grow(const double* lp, Frontier& f, uint32_t* expanded, int depth, int width, int budget, int lane) {
   uint4* cand = f.cand;
   double* parent_score = f.parent_score;
-  uint32_t* expanded = f.expanded;
   // The root pops first: it scores +0.0, and expands unless D = 0.
   if (depth == 0) return 1;
   int n = 1 + min(width, budget - 1), entries = 0, expansions = 1;
@@ -194,11 +266,296 @@ __device__ int grow(Frontier& f, int depth, int width, int budget, int lane) {
   return n;
 }
 
+// The sum of v over the warp's lanes up to this one.
+template <typename T>
+__device__ __forceinline__ T warp_inclusive_sum(T v, int lane) {
+  for (int o = 1; o < 32; o <<= 1) {
+    const T up = __shfl_up_sync(kFull, v, o);
+    if (lane >= o) v += up;
+  }
+  return v;
+}
+
+// atomicAdd on shared memory, as one instruction: the compiler's own atomicAdd, called by one lane,
+// grows a warp-aggregation path of five shuffles.
+__device__ __forceinline__ int shared_fetch_add(int* address, int v) {
+  int old;
+  asm volatile("atom.shared.add.u32 %0, [%1], %2;"
+               : "=r"(old)
+               : "r"(static_cast<uint32_t>(__cvta_generic_to_shared(address))), "r"(v)
+               : "memory");
+  return old;
+}
+
+// Barriers of the threshold path's warps alone (barrier 1), while the other warps zero the ancestor rows.
+// compute-sanitizer's racecheck reports hazards between accesses that later __syncthreads() separate in
+// kernels with such counted barriers, a race-free 20-line kernel included
+// (bench/results/h100/build_tree_threshold/named_barrier_repro.cu); synccheck and memcheck are clean.
+__device__ __forceinline__ void group_sync() { asm volatile("bar.sync 1, %0;" ::"n"(kGroup) : "memory"); }
+
+__device__ __forceinline__ bool group_sync_or(bool v) {
+  uint32_t any;
+  asm volatile(
+      "{\n .reg .pred p, q;\n setp.ne.u32 p, %1, 0;\n bar.red.or.pred q, 1, %2, p;\n selp.u32 %0, 1, 0, q;\n}"
+      : "=r"(any)
+      : "r"(static_cast<uint32_t>(v)), "n"(kGroup)
+      : "memory");
+  return any != 0;
+}
+
+// Exclusive prefix sums over the group's threads, in thread order, of both 32-bit halves of v at once
+// (neither half's total reaches 2^32, so no carry crosses); `total` gets the whole group's sums.
+// Ends with a group barrier.
+__device__ __forceinline__ uint64_t group_exclusive_sum(uint64_t v, uint64_t* warp_total, int tid, uint64_t& total) {
+  const int lane = tid & 31, warp = tid >> 5;
+  uint64_t prefix = warp_inclusive_sum(v, lane);
+  if (lane == 31) warp_total[warp] = prefix;
+  group_sync();
+  total = 0;
+  for (int w = 0; w < kGroupWarps; ++w) {
+    const uint64_t t = warp_total[w];
+    total += t;
+    if (w < warp) prefix += t;
+  }
+  return prefix - v;
+}
+
+__device__ __forceinline__ uint64_t pair(uint32_t low, uint32_t high) {
+  return static_cast<uint64_t>(high) << 32 | low;
+}
+
+// Exclusive prefix sum over the warp's lanes of v < 64: one ballot per bit, all independent.
+__device__ __forceinline__ uint32_t warp_exclusive_small_sum(uint32_t v, int lane) {
+  const uint32_t below = (1u << lane) - 1;
+  uint32_t sum = 0;
+#pragma unroll
+  for (int bit = 0; bit < 6; ++bit) sum += static_cast<uint32_t>(__popc(__ballot_sync(kFull, (v >> bit) & 1) & below)) << bit;
+  return sum;
+}
+
+// Phase 1, threshold path, run by the first kGroup threads: fills s.expanded and returns the number
+// of nodes, or -1 (the same in every thread) when the scores do not settle the heap's order.
+__device__ int grow_by_threshold(Shared& s, int depth, int width, int budget, int tid) {
+  const int lane = tid & 31, warp = tid >> 5;
+  const int wanted = (budget - 2) / width;  // expansions beyond the root's: ceil((N - 1) / K) - 1
+  if (warp == 0) {
+    // The first full levels (every candidate taken) that hold wanted + 1 nodes: their lowest score
+    // is the sum of each depth's last candidate (lane d: depths 1 .. d + 1). Without such levels the
+    // whole tree is wanted; so it is, when a last candidate is -inf, if it fits.
+    const bool level = lane < depth - 1;
+    double low = level ? s.lp[lane * width + width - 1] : 0.0;
+    for (int o = 1; o < 32; o <<= 1) {
+      const double up = __shfl_up_sync(kFull, low, o);
+      if (lane >= o) low += up;
+    }
+    int nodes = 0, power = 1;  // nodes of depths 1 .. lane + 1
+    for (int d = 0; d <= lane && level; ++d) {
+      power = min(power * width, static_cast<int>(kCountCap));
+      nodes += power;
+    }
+    const uint32_t enough = __ballot_sync(kFull, level && nodes > wanted);
+    const double first_low = __shfl_sync(kFull, low, enough ? __ffs(enough) - 1 : 0);
+    if (lane == 0) {
+      s.low = enough ? first_low : -INFINITY;
+      s.bin = -1;
+    }
+    s.level_size[lane] = 0;
+  }
+  group_sync();
+  double bound = -INFINITY;  // every expandable node scoring bound or more is found
+  if (s.low != -INFINITY) {
+    const double low = s.low;
+    if (!(low < 0.0)) return -1;  // all-zero log-probs: every score ties
+    // Rounding adds at most one bin per depth: 2 D bins to spare keep every node scoring `low` in range.
+    const double h = -low / (kBins - 1 - 2 * depth);
+    Counting& c = s.counting;
+    for (int f = tid; f < (depth - 1) * width; f += kGroup) {
+      const double bins = -s.lp[f] / h;
+      c.step[f] = bins < kBins - 1 ? static_cast<int>(floor(bins)) + 1 : kBins;  // -inf: out of range
+    }
+    // Thread t counts bins t and t + kGroup (so that a warp's loads hit distinct banks); below bin 0
+    // the histograms read kBins zeros.
+    const int bin = tid;
+    for (int i = tid; i < 2 * kBins; i += kGroup) c.hist[0][i] = c.hist[1][i] = i == kBins;  // the root: bin 0
+    group_sync();
+    uint32_t at_or_above[2] = {0, 0};  // expandable nodes in this thread's bins, all depths
+    for (int d = 0, cur = 0; d < depth - 1; ++d, cur ^= 1) {
+      const int* step = c.step + d * width;
+      const uint32_t* from = c.hist[cur] + kBins + bin;
+      uint32_t n0 = 0, n1 = 0;
+#pragma unroll 4
+      for (int r = 0; r < width; ++r) {
+        n0 += from[-step[r]];
+        n1 += from[kGroup - step[r]];
+      }
+      n0 = min(n0, kCountCap);
+      n1 = min(n1, kCountCap);
+      c.hist[cur ^ 1][kBins + bin] = n0;
+      c.hist[cur ^ 1][kBins + bin + kGroup] = n1;
+      at_or_above[0] = min(at_or_above[0] + n0, kCountCap);
+      at_or_above[1] = min(at_or_above[1] + n1, kCountCap);
+      if (!group_sync_or((n0 | n1) != 0)) break;  // no node of this depth in range, nor deeper
+    }
+    // The first bin where the running count passes `wanted`: bins in order are the threads' first
+    // bins, then their second ones.
+    const uint32_t need = static_cast<uint32_t>(wanted);
+    uint64_t totals;
+    const uint64_t before = group_exclusive_sum(pair(at_or_above[0], at_or_above[1]), s.warp_total, tid, totals);
+    const uint32_t before0 = static_cast<uint32_t>(before);
+    const uint32_t before1 = static_cast<uint32_t>(totals) + static_cast<uint32_t>(before >> 32);
+    if (before0 <= need && before0 + at_or_above[0] > need) s.bin = bin;
+    if (before1 <= need && before1 + at_or_above[1] > need) s.bin = bin + kGroup;
+    group_sync();
+    if (s.bin < 0) return -1;  // not reached: the bins hold every node of the full levels
+    // Rounded scores are exact multiples of h, true ones at least as high; the margin covers the
+    // float64 rounding of the quotient and of the sums.
+    bound = -(s.bin * h) * (1.0 + 0x1p-40);
+  }
+
+  // Find every expandable node scoring `bound` or more, depth by depth: depth d's parents are
+  // slots [lo, hi) (the root for d = 1), its nodes take the slots from hi on.
+  Found& f = s.found;
+  for (int i = tid; i < kBuckets; i += kGroup) f.bucket[i] = 0;  // ordered before the sort by the barriers below
+  int lo = 0, hi = 0;
+  for (int d = 1; d < depth; ++d) {
+    const int parents = d == 1 ? 1 : hi - lo;
+    const double* row = s.lp + (d - 1) * width;
+    for (int first = 0; first < parents; first += kGroup) {
+      if (first + warp * 32 >= parents) continue;  // warp-uniform: the scan below needs every lane
+      const int p = first + tid;
+      const bool real = p < parents;
+      const double parent_score = d == 1 || !real ? 0.0 : decode_score(f.key[lo + p]);
+      int take = 0;  // children scoring `bound` or more: a prefix of the descending candidates
+      if (real) {
+#pragma unroll 4
+        for (int r = 0; r < width; ++r) take += parent_score + row[r] >= bound;
+      }
+      const int before = static_cast<int>(warp_exclusive_small_sum(static_cast<uint32_t>(take), lane));
+      int base = 0;
+      if (lane == 31) base = shared_fetch_add(&s.level_size[d], before + take);
+      const int slot0 = hi + __shfl_sync(kFull, base, 31) + before;
+      const uint32_t parent_field = d == 1 ? 0u : static_cast<uint32_t>(lo + p + 1);
+      for (int r = 0; r < take && slot0 + r < kFound; ++r) {
+        const int slot = slot0 + r;
+        f.key[slot] = encode_score(parent_score + row[r]);
+        f.order[slot] = parent_field << 10 | static_cast<uint32_t>(slot);
+        f.node[slot] = parent_field | static_cast<uint32_t>(d) << 12 | static_cast<uint32_t>(r) << 20;
+      }
+    }
+    group_sync();
+    const int filled = hi + s.level_size[d];  // no thread adds to level d any more
+    if (filled > kFound) return -1;
+    if (filled == hi) break;  // no node at depth d, so none deeper
+    lo = hi;
+    hi = filled;
+  }
+  const int found = hi;
+
+  // Bucket sort into heap order: buckets of equal score width from the best node (depth 1, rank 0)
+  // down to `bound` (any monotone bucketing is exact; equal widths keep buckets small), a prefix sum
+  // for their positions, then each node ranks itself among its bucket's few others. Equal scores
+  // share a bucket, so that is also where ties show: a node among the first `taken` scoring the same
+  // as a node of another parent (the heap would order them by creation) sends the tree to the pop path.
+  const int taken = min(wanted, found);  // < kGroup
+  const double top = s.lp[0];
+  const double scale = bound > -INFINITY && top > bound ? kBuckets / (top - bound) : kBuckets / 64.0;
+  int bucket[kFound / kGroup], arrival[kFound / kGroup];
+#pragma unroll
+  for (int k = 0; k < kFound / kGroup; ++k) {
+    const int e = tid + k * kGroup;
+    if (e < found) {
+      const double x = fmin((top - decode_score(f.key[e])) * scale, kBuckets - 1.0);  // -inf scores: last
+      bucket[k] = static_cast<int>(x);
+      arrival[k] = static_cast<int>(atomicAdd(&f.bucket[bucket[k]], 1u));
+    }
+  }
+  group_sync();
+  const uint32_t count0 = f.bucket[tid], count1 = f.bucket[tid + kGroup];
+  uint64_t totals;
+  const uint64_t first = group_exclusive_sum(pair(count0, count1), s.warp_total, tid, totals);
+  f.bucket[tid] = static_cast<uint32_t>(first);
+  f.bucket[tid + kGroup] = static_cast<uint32_t>(totals) + static_cast<uint32_t>(first >> 32);
+  // Ranking within a bucket is quadratic in its size: a crowded bucket (scores bunched or equal) is
+  // the pop path's tree.
+  if (group_sync_or(count0 > kBucketCrowd || count1 > kBucketCrowd)) return -1;
+#pragma unroll
+  for (int k = 0; k < kFound / kGroup; ++k) {
+    const int e = tid + k * kGroup;
+    if (e < found) f.ranked[f.bucket[bucket[k]] + arrival[k]] = static_cast<uint32_t>(e);
+  }
+  group_sync();
+  int position[kFound / kGroup];
+  bool tie = false;
+#pragma unroll
+  for (int k = 0; k < kFound / kGroup; ++k) {
+    const int e = tid + k * kGroup;
+    if (e >= found) continue;
+    const int start = static_cast<int>(f.bucket[bucket[k]]);
+    const int end = bucket[k] + 1 < kBuckets ? static_cast<int>(f.bucket[bucket[k] + 1]) : found;
+    const uint64_t key = f.key[e];
+    const uint32_t order = f.order[e];
+    int ahead = 0;
+    bool tied = false;
+    for (int u = start; u < end; ++u) {
+      const uint32_t v = f.ranked[u];
+      const uint64_t other_key = f.key[v];
+      const uint32_t other_order = f.order[v];
+      ahead += other_key > key || (other_key == key && other_order < order);
+      tied |= other_key == key && (other_order >> 10) != (order >> 10);
+    }
+    position[k] = start + ahead;
+    tie |= tied && position[k] < taken;
+  }
+  if (group_sync_or(tie)) return -1;
+#pragma unroll
+  for (int k = 0; k < kFound / kGroup; ++k) {
+    const int e = tid + k * kGroup;
+    if (e < found) f.ranked[position[k]] = static_cast<uint32_t>(e);
+  }
+  group_sync();
+
+  uint32_t mine = 0, slot = 0;
+  if (tid < taken) {
+    slot = f.ranked[tid];
+    mine = f.node[slot];
+  }
+  group_sync();  // every expansion's node is read before any becomes an expansion number
+  if (tid < taken) f.node[slot] = static_cast<uint32_t>(tid) + 1;
+  group_sync();
+  if (tid < taken) {
+    const uint32_t parent_field = mine & 0x7ff;
+    const uint32_t parent_expansion = parent_field == 0 ? 0u : f.node[parent_field - 1];
+    s.expanded[tid + 1] =
+        (1 + static_cast<uint32_t>(width) * parent_expansion + (mine >> 20)) | ((mine >> 12) & 0x3f) << 16;
+  }
+  if (tid == 0) s.expanded[0] = 0;
+  return min(budget, 1 + width * (taken + 1));
+}
+
+// Zeroes ancestor rows [0, budget) of tree b, as warp `index` of `count`: 16-byte stores when the rows
+// are one dense, aligned block (a quarter of the store instructions), else one word per lane. With
+// `pause_ns`, each 16-byte store is followed by a sleep: a burst of stores fills the memory
+// pipeline's queue and delays the shared-memory loads of the warps working meanwhile (measured on
+// the H100: 3k cycles of a 33k-cycle threshold-path tree without the pauses, 0.7k with 300 ns).
+__device__ void zero_ancestors(const BuildTreeArgs& a, int64_t b, int budget, int words, int index, int count,
+                               int lane, unsigned pause_ns) {
+  int32_t* anc = a.ancestors + b * a.ancestors_stride[0];
+  const int total = budget * words;
+  if (a.ancestors_stride[2] == 1 && a.ancestors_stride[1] == words && total % 4 == 0 &&
+      reinterpret_cast<uintptr_t>(anc) % 16 == 0) {
+    int4* block = reinterpret_cast<int4*>(anc);
+    for (int i = index * 32 + lane; i < total / 4; i += count * 32) {
+      block[i] = make_int4(0, 0, 0, 0);
+      if (pause_ns) __nanosleep(pause_ns);
+    }
+    return;
+  }
+  for (int i = index; i < budget; i += count)
+    for (int w = lane; w < words; w += 32) anc[i * a.ancestors_stride[1] + w * a.ancestors_stride[2]] = 0;
+}
+
 __global__ void __launch_bounds__(kThreads) build_tree_kernel(BuildTreeArgs a) {
-  __shared__ Frontier frontier;
-  __shared__ int64_t id_s[kTreeMaxDepth * kTreeMaxWidth];
-  __shared__ uint32_t node_s[kTreeMaxNodes];
-  __shared__ int count_s;
+  __shared__ Shared s;
 
   const int64_t b = blockIdx.x;
   const int depth = static_cast<int>(a.depth), width = static_cast<int>(a.width), budget = static_cast<int>(a.nodes);
@@ -207,33 +564,49 @@ __global__ void __launch_bounds__(kThreads) build_tree_kernel(BuildTreeArgs a) {
 
   // Loaded now, used after phase 1: the global round trip overlaps it.
   const int64_t root = a.root_token[b * a.root_stride], base = a.base_pos[b * a.base_stride];
+  // A log-prob equal to the one ranked above it, at a depth whose nodes expand: cousins below them tie,
+  // which the threshold path would find only at its end, so such trees go straight to the pop path.
+  bool repeated = false;
   for (int f = tid; f < depth * width; f += kThreads) {
     const int d = f / width, r = f - d * width;
-    frontier.lp[f] = widen(a.logprobs[b * a.logprobs_stride[0] + d * a.logprobs_stride[1] + r * a.logprobs_stride[2]]);
-    id_s[f] = a.ids[b * a.ids_stride[0] + d * a.ids_stride[1] + r * a.ids_stride[2]];
+    const float* x = a.logprobs + b * a.logprobs_stride[0] + d * a.logprobs_stride[1] + r * a.logprobs_stride[2];
+    s.lp[f] = widen(*x);
+    s.id[f] = a.ids[b * a.ids_stride[0] + d * a.ids_stride[1] + r * a.ids_stride[2]];
+    repeated |= r > 0 && d < depth - 1 && *x == *(x - a.logprobs_stride[2]);
   }
   int32_t* anc = a.ancestors + b * a.ancestors_stride[0];
-  __syncthreads();
+  const bool repeats = __syncthreads_or(repeated);
 
+  const bool threshold_first =
+      depth >= 2 && width >= 2 && (budget - 2) / width >= kThresholdMinExpansions && !repeats;
+  if (threshold_first) {
+    if (warp < kGroupWarps) {
+      const int n = grow_by_threshold(s, depth, width, budget, tid);
+      if (tid == 0) s.count = n;
+    } else {
+      zero_ancestors(a, b, budget, words, warp - kGroupWarps, kWarps - kGroupWarps, lane, kZeroPauseNs);
+    }
+    __syncthreads();
+  }
   if (warp == 0) {
-    const int n = grow(frontier, depth, width, budget, lane);
-    if (lane == 0) count_s = n;
-  } else if (warp % 4 != 0) {
+    if (!threshold_first || s.count < 0) {  // no tree yet: the pop path builds it
+      const int n = grow(s.lp, s.frontier, s.expanded, depth, width, budget, lane);
+      if (lane == 0) s.count = n;
+    }
+  } else if (!threshold_first && warp % 4 != 0) {
     // Warps 4, 8, ... would share warp 0's scheduler (warps are dealt to the SM's four schedulers in
     // turn) and take issue slots from its chain of pops: they stay idle.
-    const int zeroing = warp - 1 - warp / 4;
-    for (int i = zeroing; i < budget; i += kWarps - kWarps / 4)
-      for (int w = lane; w < words; w += 32) anc[i * a.ancestors_stride[1] + w * a.ancestors_stride[2]] = 0;
+    zero_ancestors(a, b, budget, words, warp - 1 - warp / 4, kWarps - 1 - (kWarps - 1) / 4, lane, 0);
   }
   __syncthreads();  // also orders the zeros before the ancestor words stored below
 
-  const int count = count_s;
+  const int count = s.count;
   for (int i = 1 + tid; i < count; i += kThreads) {
     const int x = (i - 1) / width;
-    const uint32_t popped = frontier.expanded[x];
-    node_s[i] = ((popped & 0xffff) + 1) << 16 | ((popped >> 16) + 1) << 8 | static_cast<uint32_t>(i - 1 - x * width);
+    const uint32_t popped = s.expanded[x];
+    s.node[i] = ((popped & 0xffff) + 1) << 16 | ((popped >> 16) + 1) << 8 | static_cast<uint32_t>(i - 1 - x * width);
   }
-  if (tid == 0) node_s[0] = 0;  // parent -1, depth 0
+  if (tid == 0) s.node[0] = 0;  // parent -1, depth 0
   __syncthreads();
 
   for (int i = tid; i < budget; i += kThreads) {
@@ -242,11 +615,11 @@ __global__ void __launch_bounds__(kThreads) build_tree_kernel(BuildTreeArgs a) {
     int word = i >> 5;
     uint32_t bits = 1u << (i & 31);
     if (i < count) {
-      const uint32_t rec = node_s[i];
+      const uint32_t rec = s.node[i];
       parent = parent_of(rec);
       node_depth = (rec >> 8) & 0xff;
-      token = i == 0 ? root : id_s[(node_depth - 1) * width + (rec & 0xff)];
-      for (int j = static_cast<int>(parent); j >= 0; j = parent_of(node_s[j])) {
+      token = i == 0 ? root : s.id[(node_depth - 1) * width + (rec & 0xff)];
+      for (int j = static_cast<int>(parent); j >= 0; j = parent_of(s.node[j])) {
         if ((j >> 5) != word) {
           row[word * a.ancestors_stride[2]] = static_cast<int32_t>(bits);
           word = j >> 5;

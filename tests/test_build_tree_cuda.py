@@ -99,6 +99,20 @@ def test_many_entries_per_lane(width, kind):
         check_case(lp, ids, torch.tensor([1, 2]), torch.tensor([0, 77]), budget)
 
 
+@pytest.mark.parametrize("width", [2, 4, 8, 16])
+@pytest.mark.parametrize("kind", ["softmax", "spread", "quantized", "duplicated"])
+def test_wide_trees_of_many_expansions(width, kind):
+    """Budgets of 40 or more expansions beyond the root, where the kernel tries its threshold path:
+    it settles softmax and spread candidates (scores rarely tie) and hands quantized and duplicated
+    ones, whose cousins tie, to the pop path; every depth from 2 (one level of expandable nodes) to 32."""
+    g = torch.Generator().manual_seed(10 + width)
+    for budget in sorted({2 + 40 * width, 2 + 41 * width, 513, 1024}):
+        for depth in (2, 3, 7, 16, 32):
+            lp = candidates(kind, 3, depth, width, g)
+            ids = torch.randint(0, 1 << 30, (3, depth, width), generator=g)
+            check_case(lp, ids, torch.tensor([5, 6, 7]), torch.tensor([0, 9, 99]), budget)
+
+
 def test_hand_checked_ties():
     """The tie-break cases of test_tree.py, on the GPU: equal scores pop in creation order."""
     lp = torch.tensor([[[-1.0, -1.0], [0.0, -3.0]]])
@@ -110,11 +124,13 @@ def test_hand_checked_ties():
     assert tree.parents[0].tolist() == [-1, 0, 0, 1, 1, 2, 2]
 
 
-def test_strided_inputs_and_outputs():
-    """Transposed and sliced inputs, outputs that are views into larger buffers: no copy needed."""
+@pytest.mark.parametrize("kind,width,budget", [("quantized", 5, 100), ("softmax", 4, 400)])
+def test_strided_inputs_and_outputs(kind, width, budget):
+    """Transposed and sliced inputs, outputs that are views into larger buffers: no copy needed (the
+    pop path, and the threshold path whose ancestor rows are not one dense block)."""
     g = torch.Generator().manual_seed(3)
-    batch, depth, width, budget = 3, 9, 5, 100
-    lp = candidates("quantized", batch, depth, width, g)
+    batch, depth = 3, 9
+    lp = candidates(kind, batch, depth, width, g)
     ids = torch.randint(0, 500, (batch, depth, width), generator=g)
     root, base = torch.tensor([4, 5, 6]), torch.tensor([10, 0, 3])
     want = poisoned_outputs(batch, budget, "cpu")
@@ -135,6 +151,7 @@ def test_strided_inputs_and_outputs():
     assert_same_tree(outs, want)
     for t in big:  # the interleaved elements are untouched
         assert t[:, ::2].eq(-7).all()
+    assert anc_big[:, :, 0].eq(-7).all() and anc_big[:, :, 1 + words_for(budget):].eq(-7).all()
 
 
 def test_budget_one_and_no_depths():
