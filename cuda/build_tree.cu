@@ -464,7 +464,8 @@ __device__ int grow_by_threshold(Shared& s, int depth, int width, int budget, in
   for (int k = 0; k < kFound / kGroup; ++k) {
     const int e = tid + k * kGroup;
     if (e < found) {
-      const double x = fmin((top - decode_score(f.key[e])) * scale, kBuckets - 1.0);  // -inf scores: last
+      // -inf scores go last; the clamp at 0 only guards rows that break the contract (not descending).
+      const double x = fmax(fmin((top - decode_score(f.key[e])) * scale, kBuckets - 1.0), 0.0);
       bucket[k] = static_cast<int>(x);
       arrival[k] = static_cast<int>(atomicAdd(&f.bucket[bucket[k]], 1u));
     }
@@ -522,12 +523,18 @@ __device__ int grow_by_threshold(Shared& s, int depth, int width, int budget, in
   group_sync();  // every expansion's node is read before any becomes an expansion number
   if (tid < taken) f.node[slot] = static_cast<uint32_t>(tid) + 1;
   group_sync();
+  uint32_t parent_expansion = 0;
   if (tid < taken) {
     const uint32_t parent_field = mine & 0x7ff;
-    const uint32_t parent_expansion = parent_field == 0 ? 0u : f.node[parent_field - 1];
+    parent_expansion = parent_field == 0 ? 0u : f.node[parent_field - 1];
+  }
+  // Every parent expands before its children whenever the contract holds (rows descending); rows that
+  // break it could leave a parent outside the expansions, and phase 2's walk up the parents would
+  // then not end: such trees go to the pop path, which builds some tree from any rows.
+  if (group_sync_or(tid < taken && parent_expansion > static_cast<uint32_t>(tid))) return -1;
+  if (tid < taken)
     s.expanded[tid + 1] =
         (1 + static_cast<uint32_t>(width) * parent_expansion + (mine >> 20)) | ((mine >> 12) & 0x3f) << 16;
-  }
   if (tid == 0) s.expanded[0] = 0;
   return min(budget, 1 + width * (taken + 1));
 }

@@ -113,6 +113,31 @@ def test_wide_trees_of_many_expansions(width, kind):
             check_case(lp, ids, torch.tensor([5, 6, 7]), torch.tensor([0, 9, 99]), budget)
 
 
+@pytest.mark.parametrize("breakage", ["shuffled", "nan", "inf"])
+def test_rows_that_break_the_contract_still_give_a_tree(breakage):
+    """Rows not descending, or holding NaN / +inf, may build a tree other than the reference's (the
+    contract excludes them), but never hang or read out of bounds: every node's parent comes before it,
+    one level up."""
+    g = torch.Generator().manual_seed(21)
+    for width, budget in ((4, 1024), (8, 1024), (2, 300), (32, 1024)):
+        lp = candidates("softmax", 2, 16, width, g)
+        if breakage == "shuffled":
+            lp = lp[..., torch.randperm(width, generator=g)]
+        else:
+            lp[:, ::3, -1] = math.nan if breakage == "nan" else math.inf
+        ids = torch.randint(0, 1000, (2, 16, width), generator=g)
+        outs = poisoned_outputs(2, budget, "cuda")
+        run_op((lp.cuda(), ids.cuda(), torch.tensor([1, 2], device="cuda"), torch.tensor([0, 5], device="cuda")), outs)
+        tokens, parents, depths, positions, ancestors, num_nodes = (t.cpu() for t in outs)
+        for b in range(2):
+            n = int(num_nodes[b])
+            assert 1 <= n <= budget
+            assert parents[b, 0] == -1 and depths[b, 0] == 0
+            kids = torch.arange(1, n)
+            assert (parents[b, 1:n] >= 0).all() and (parents[b, 1:n] < kids).all()
+            assert torch.equal(depths[b, 1:n], depths[b, parents[b, 1:n]] + 1)
+
+
 def test_hand_checked_ties():
     """The tie-break cases of test_tree.py, on the GPU: equal scores pop in creation order."""
     lp = torch.tensor([[[-1.0, -1.0], [0.0, -3.0]]])
