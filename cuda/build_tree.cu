@@ -343,11 +343,7 @@ __device__ int grow_by_threshold(Shared& s, int depth, int width, int budget, in
     // is the sum of each depth's last candidate (lane d: depths 1 .. d + 1). Without such levels the
     // whole tree is wanted; so it is, when a last candidate is -inf, if it fits.
     const bool level = lane < depth - 1;
-    double low = level ? s.lp[lane * width + width - 1] : 0.0;
-    for (int o = 1; o < 32; o <<= 1) {
-      const double up = __shfl_up_sync(kFull, low, o);
-      if (lane >= o) low += up;
-    }
+    const double low = warp_inclusive_sum(level ? s.lp[lane * width + width - 1] : 0.0, lane);
     int nodes = 0, power = 1;  // nodes of depths 1 .. lane + 1
     for (int d = 0; d <= lane && level; ++d) {
       power = min(power * width, static_cast<int>(kCountCap));
@@ -539,14 +535,14 @@ __device__ int grow_by_threshold(Shared& s, int depth, int width, int budget, in
   return min(budget, 1 + width * (taken + 1));
 }
 
-// Zeroes ancestor rows [0, budget) of tree b, as warp `index` of `count`: 16-byte stores when the rows
-// are one dense, aligned block (a quarter of the store instructions), else one word per lane. With
-// `pause_ns`, each 16-byte store is followed by a sleep: a burst of stores fills the memory
-// pipeline's queue and delays the shared-memory loads of the warps working meanwhile (measured on
-// the H100: 3k cycles of a 33k-cycle threshold-path tree without the pauses, 0.7k with 300 ns).
-__device__ void zero_ancestors(const BuildTreeArgs& a, int64_t b, int budget, int words, int index, int count,
+// Zeroes ancestor rows [0, budget) of one tree (its rows start at `anc`), as warp `index` of `count`:
+// 16-byte stores when the rows are one dense, aligned block (a quarter of the store instructions), else
+// one word per lane. With `pause_ns`, each 16-byte store is followed by a sleep: a burst of stores
+// fills the memory pipeline's queue and delays the shared-memory loads of the warps working meanwhile
+// (measured on the H100: 3k cycles of a 33k-cycle threshold-path tree without the pauses, 0.7k with
+// 300 ns).
+__device__ void zero_ancestors(const BuildTreeArgs& a, int32_t* anc, int budget, int words, int index, int count,
                                int lane, unsigned pause_ns) {
-  int32_t* anc = a.ancestors + b * a.ancestors_stride[0];
   const int total = budget * words;
   if (a.ancestors_stride[2] == 1 && a.ancestors_stride[1] == words && total % 4 == 0 &&
       reinterpret_cast<uintptr_t>(anc) % 16 == 0) {
@@ -591,7 +587,7 @@ __global__ void __launch_bounds__(kThreads) build_tree_kernel(BuildTreeArgs a) {
       const int n = grow_by_threshold(s, depth, width, budget, tid);
       if (tid == 0) s.count = n;
     } else {
-      zero_ancestors(a, b, budget, words, warp - kGroupWarps, kWarps - kGroupWarps, lane, kZeroPauseNs);
+      zero_ancestors(a, anc, budget, words, warp - kGroupWarps, kWarps - kGroupWarps, lane, kZeroPauseNs);
     }
     __syncthreads();
   }
@@ -603,7 +599,7 @@ __global__ void __launch_bounds__(kThreads) build_tree_kernel(BuildTreeArgs a) {
   } else if (!threshold_first && warp % 4 != 0) {
     // Warps 4, 8, ... would share warp 0's scheduler (warps are dealt to the SM's four schedulers in
     // turn) and take issue slots from its chain of pops: they stay idle.
-    zero_ancestors(a, b, budget, words, warp - 1 - warp / 4, kWarps - 1 - (kWarps - 1) / 4, lane, 0);
+    zero_ancestors(a, anc, budget, words, warp - 1 - warp / 4, kWarps - 1 - (kWarps - 1) / 4, lane, 0);
   }
   __syncthreads();  // also orders the zeros before the ancestor words stored below
 
