@@ -66,6 +66,10 @@ __device__ __forceinline__ uint64_t smem_desc(uint32_t addr, uint32_t lead, uint
          (static_cast<uint64_t>(stride >> 4) << 32) | (1ull << 62);
 }
 
+// The descriptor of the operand `bytes` further on: the start address is the descriptor's low 14 bits (in
+// 16-byte units) and shared memory ends below 2^18 bytes, so the add never carries into the other fields.
+__device__ __forceinline__ uint64_t desc_advance(uint64_t desc, uint32_t bytes) { return desc + (bytes >> 4); }
+
 #define JETSPEC_F4(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3])
 #define JETSPEC_F16(i) JETSPEC_F4(i), JETSPEC_F4(i + 4), JETSPEC_F4(i + 8), JETSPEC_F4(i + 12)
 #define JETSPEC_F32(i) JETSPEC_F16(i), JETSPEC_F16(i + 16)
@@ -75,13 +79,13 @@ __device__ __forceinline__ uint64_t smem_desc(uint32_t addr, uint32_t lead, uint
                "wgmma.mma_async.sync.aligned.m64n32k16.f32." TY "." TY "\n" \
                "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15},\n" \
                "%16, %17, p, 1, 1, 0, 0;\n}\n" \
-               : JETSPEC_F16(0) : "l"(a), "l"(b), "r"(1))
+               : JETSPEC_F16(0) : "l"(a), "l"(b), "r"(accumulate))
 #define JETSPEC_WGMMA_SS64(TY) \
   asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n" \
                "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY "\n" \
                "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31},\n" \
                "%32, %33, p, 1, 1, 0, 0;\n}\n" \
-               : JETSPEC_F32(0) : "l"(a), "l"(b), "r"(1))
+               : JETSPEC_F32(0) : "l"(a), "l"(b), "r"(accumulate))
 #define JETSPEC_WGMMA_RS64(TY) \
   asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n" \
                "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY "\n" \
@@ -95,9 +99,10 @@ __device__ __forceinline__ uint64_t smem_desc(uint32_t addr, uint32_t lead, uint
                "{%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n" \
                : JETSPEC_F64(0) : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1))
 
-// d[64 x N] += A[64 x 16] * B[16 x N], A and B K-major in shared memory (descriptors a, b).
+// d[64 x N] = A[64 x 16] * B[16 x N] (+ d when `accumulate`), A and B K-major in shared memory
+// (descriptors a, b).
 template <int N, bool kBF16>
-__device__ __forceinline__ void wgmma_ss(float (&d)[N / 2], uint64_t a, uint64_t b) {
+__device__ __forceinline__ void wgmma_ss(float (&d)[N / 2], uint64_t a, uint64_t b, int accumulate) {
   static_assert(N == 32 || N == 64, "instantiated shapes");
   if constexpr (N == 32) {
     if constexpr (kBF16) JETSPEC_WGMMA_SS32("bf16"); else JETSPEC_WGMMA_SS32("f16");

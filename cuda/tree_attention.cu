@@ -136,6 +136,21 @@ __device__ __forceinline__ uint64_t visible_bits(const int32_t* row, int words, 
   return bits;
 }
 
+// max or sum (op) of this thread's scores of one row of an m-tile (elements 2 hf and 2 hf + 1 of every
+// 8-key column tile) as a balanced tree: a dependent chain log2(keys) deep rather than one step per key.
+template <int kTiles, typename Op>
+__device__ __forceinline__ float row_reduce(const float (&s)[kTiles][4], int hf, Op op) {
+  static_assert((kTiles & (kTiles - 1)) == 0, "a power of two");
+  float v[kTiles];
+#pragma unroll
+  for (int n = 0; n < kTiles; ++n) v[n] = op(s[n][2 * hf], s[n][2 * hf + 1]);
+#pragma unroll
+  for (int w = kTiles / 2; w > 0; w /= 2)
+#pragma unroll
+    for (int i = 0; i < w; ++i) v[i] = op(v[i], v[i + w]);
+  return v[0];
+}
+
 template <typename T, typename Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads) tree_attention_kernel(const Params p) {
   constexpr int D = Cfg::kHeadDim, kMT = Cfg::kMTiles, kKeys = Cfg::kKeys, kStages = Cfg::kStages;
@@ -233,6 +248,10 @@ __global__ void __launch_bounds__(Cfg::kThreads) tree_attention_kernel(const Par
     const uint32_t k_lane = ((lane & 7) + ((lane >> 4) << 3)) * 128 + (((((lane >> 3) & 1) ^ lane) & 7) << 4);
     const uint32_t v_lane = ((lane & 7) + (((lane >> 3) & 1) << 3)) * 128 + ((((lane >> 4) ^ lane) & 7) << 4);
 
+#ifdef JETSPEC_WGMMA
+    const uint64_t q_desc = ptx::smem_desc(s_q, 16, 1024), k_desc = ptx::smem_desc(s_k, 16, 1024),
+                   v_desc = ptx::smem_desc(s_v, Cfg::kKvRegion, 1024);
+#endif
     for (int t = tile_begin; t < tile_end; ++t) {
       const int it = t - tile_begin;
       cp_async_wait<kStages - 2>();
@@ -246,28 +265,30 @@ __global__ void __launch_bounds__(Cfg::kThreads) tree_attention_kernel(const Par
       const uint32_t v_tile = s_v + (it % kStages) * Cfg::kKvBytes;
 
       float s[kMT][kKeyTiles][4];
-#pragma unroll
-      for (int mt = 0; mt < kMT; ++mt)
-#pragma unroll
-        for (int n = 0; n < kKeyTiles; ++n) s[mt][n][0] = s[mt][n][1] = s[mt][n][2] = s[mt][n][3] = 0.f;
       if constexpr (kWgmma) {  // S = Q K^T by the warpgroup, both operands from shared memory
 #ifdef JETSPEC_WGMMA
+        // The first product overwrites S: zeroing it first would be register writes that ptxas makes wait
+        // for the warpgroup's products in flight.
         ptx::wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
           const uint32_t k_off = (kk >> 2) * Cfg::kKvRegion + (kk & 3) * 32;
-          const uint64_t kd = ptx::smem_desc(k_tile + k_off, 16, 1024);
+          const uint64_t kd = ptx::desc_advance(k_desc, (it % kStages) * Cfg::kKvBytes + k_off);
 #pragma unroll
           for (int mt = 0; mt < kMT; ++mt) {
             const uint32_t q_off = (kk >> 2) * Cfg::kQRegion + tile_row<Cfg>(0, mt) * 128 + (kk & 3) * 32;
-            ptx::wgmma_ss<kKeys, std::is_same_v<T, __nv_bfloat16>>(
-                reinterpret_cast<float(&)[kKeys / 2]>(s[mt]), ptx::smem_desc(s_q + q_off, 16, 1024), kd);
+            ptx::wgmma_ss<kKeys, std::is_same_v<T, __nv_bfloat16>>(reinterpret_cast<float(&)[kKeys / 2]>(s[mt]),
+                                                                   ptx::desc_advance(q_desc, q_off), kd, kk > 0);
           }
         }
         ptx::wgmma_commit();
         ptx::wgmma_wait_all();
 #endif
       } else {
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+          for (int n = 0; n < kKeyTiles; ++n) s[mt][n][0] = s[mt][n][1] = s[mt][n][2] = s[mt][n][3] = 0.f;
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
           uint32_t qa[kMT][4];
@@ -311,9 +332,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) tree_attention_kernel(const Par
       for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
         for (int hf = 0; hf < 2; ++hf) {
-          float mx = m[mt][hf];
-#pragma unroll
-          for (int n = 0; n < kKeyTiles; ++n) mx = fmaxf(mx, fmaxf(s[mt][n][2 * hf], s[mt][n][2 * hf + 1]));
+          float mx = fmaxf(m[mt][hf], row_reduce(s[mt], hf, [](float x, float y) { return fmaxf(x, y); }));
           mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
           mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
           // A row with no visible key yet keeps max -inf; exponentiate against 0 so that it stays 0, not NaN.
@@ -321,15 +340,11 @@ __global__ void __launch_bounds__(Cfg::kThreads) tree_attention_kernel(const Par
           correction[mt][hf] = mx == m[mt][hf] ? 1.f : exp2f(fmaf(m[mt][hf], scale_log2, -base));
           grew |= mx != m[mt][hf];
           m[mt][hf] = mx;
-          float sum = 0.f;
 #pragma unroll
           for (int n = 0; n < kKeyTiles; ++n)
 #pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              const float pe = exp2f(fmaf(s[mt][n][2 * hf + e], scale_log2, -base));
-              s[mt][n][2 * hf + e] = pe;
-              sum += pe;
-            }
+            for (int e = 0; e < 2; ++e) s[mt][n][2 * hf + e] = exp2f(fmaf(s[mt][n][2 * hf + e], scale_log2, -base));
+          const float sum = row_reduce(s[mt], hf, [](float x, float y) { return x + y; });
           l[mt][hf] = fmaf(l[mt][hf], correction[mt][hf], sum);
         }
       // Past the first tiles a row's max rarely grows: skip the O rescale when no row of the warp's grew.
@@ -360,7 +375,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) tree_attention_kernel(const Par
         ptx::wgmma_fence();
 #pragma unroll
         for (int kk = 0; kk < kKeys / 16; ++kk) {
-          const uint64_t vd = ptx::smem_desc(v_tile + kk * 16 * 128, Cfg::kKvRegion, 1024);
+          const uint64_t vd = ptx::desc_advance(v_desc, (it % kStages) * Cfg::kKvBytes + kk * 16 * 128);
 #pragma unroll
           for (int mt = 0; mt < kMT; ++mt)
             ptx::wgmma_rs<D, std::is_same_v<T, __nv_bfloat16>>(reinterpret_cast<float(&)[D / 2]>(o[mt]), pa[kk][mt], vd);
