@@ -9,9 +9,12 @@
 // traffic per FLOP and is what makes the large tile compute-bound rather than ldmatrix-bound). The
 // m-tiles interleave across a block's 4 warps so that each set of 4 forms one 64-row wgmma tile.
 //
-// Keys. Tiles of kKeys keys stream through a kStages-deep cp.async ring (16-byte copies into 128-byte
-// rows with XOR-swizzled 16-byte chunks: ldmatrix reads hit 8 distinct bank groups, and the layout is
-// wgmma's 128-byte swizzle). On sm_90a the 4-warp blocks run S = Q K^T as warpgroup MMAs with both
+// Keys. Tiles of kKeys keys stream through a kStages-deep ring of 128-byte rows with XOR-swizzled
+// 16-byte chunks (ldmatrix reads hit 8 distinct bank groups, and the layout is wgmma's 128-byte
+// swizzle). On sm_90a one thread asks the copy engine (TMA) for each tile, completing on a per-stage
+// mbarrier: issuing 16-byte cp.async copies from every thread cost the 4-warp blocks ~4% of their time
+// in address arithmetic and issue slots. Elsewhere (and if the driver cannot describe the cache view)
+// every thread copies with cp.async. On sm_90a the 4-warp blocks run S = Q K^T as warpgroup MMAs with both
 // operands in shared memory and O += P V with P from the score registers and V read in place
 // (transposed descriptor); elsewhere, and for the 1-warp decode block, both run on mma.sync m16n8k16.
 // Accumulators are fp32; the online softmax is in fp32 and base 2 (the scale is folded into the
@@ -27,6 +30,7 @@
 #include "tree_attention.cuh"
 #include "ptx.cuh"
 
+#include <cuda.h>  // CUtensorMap and its encoder's signature (the encoder itself comes from the runtime)
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
@@ -52,7 +56,8 @@ struct Tile {
   static constexpr int kChunks = kHeadDim / 8;  // 16-byte chunks per row
   static constexpr int kRowBytes = kHeadDim * 2;
   static constexpr int kKvBytes = kKeys * kRowBytes;  // one K (or V) tile in shared memory
-  static constexpr int kSmem = kRows * kRowBytes + 2 * kStages * kKvBytes;
+  // Q, the K and V rings, and one 8-byte mbarrier per stage (used when tensor copies fill the rings).
+  static constexpr int kSmem = kRows * kRowBytes + 2 * kStages * kKvBytes + 8 * kStages;
   // Tiles are stored as head_dim / 64 column regions of 128-byte rows (the wgmma 128-byte swizzle atom).
   static constexpr int kQRegion = kRows * 128, kKvRegion = kKeys * 128;
   static_assert(kKeys == 32 || kKeys == 64, "the ancestor window is 64 bits");
@@ -86,6 +91,10 @@ struct Params {
   int row_tiles, splits;
   float* part_o;    // [splits, batch * nodes * q_heads, head_dim]
   float* part_lse;  // [splits, batch * nodes * q_heads], base 2
+  // Tensor maps of K and V ([batch, slots, kv_heads, head_dim] boxes of kKeys x 64 columns, 128-byte
+  // swizzle) when the copy engine fills the K/V rings (wgmma blocks); else each thread issues cp.async.
+  bool tensor_copies;
+  CUtensorMap k_map, v_map;
 };
 
 // Out-of-range rows are zero-filled (src-size 0): their products stay finite and are masked or dropped.
@@ -152,7 +161,7 @@ __device__ __forceinline__ float row_reduce(const float (&s)[kTiles][4], int hf,
 }
 
 template <typename T, typename Cfg>
-__global__ void __launch_bounds__(Cfg::kThreads) tree_attention_kernel(const Params p) {
+__global__ void __launch_bounds__(Cfg::kThreads) tree_attention_kernel(const __grid_constant__ Params p) {
   constexpr int D = Cfg::kHeadDim, kMT = Cfg::kMTiles, kKeys = Cfg::kKeys, kStages = Cfg::kStages;
   constexpr int kKeyTiles = kKeys / 8;  // 8-key column tiles of S
   constexpr int kDimTiles = D / 8;      // 8-dim column tiles of O
@@ -160,6 +169,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) tree_attention_kernel(const Par
   const uint32_t s_q = smem_addr(smem);
   const uint32_t s_k = s_q + Cfg::kRows * Cfg::kRowBytes;
   const uint32_t s_v = s_k + kStages * Cfg::kKvBytes;
+  const uint32_t s_bar = s_v + kStages * Cfg::kKvBytes;  // mbarrier of stage i at s_bar + 8 i
 
   const TreeAttentionArgs& a = p.a;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
@@ -234,10 +244,42 @@ __global__ void __launch_bounds__(Cfg::kThreads) tree_attention_kernel(const Par
         vp += v_step;
       }
     };
+#ifdef JETSPEC_WGMMA
+    const bool tensor_copies = kWgmma && p.tensor_copies;
+    // One thread asks the copy engine for a tile: 4 (head_dim 128) or 2 boxes of kKeys x 64 columns.
+    // Keys past the cache's slots arrive as zeros; keys in [key_end, slots) arrive as whatever the cache
+    // holds, and V's rows of them are zeroed before P V reads them (see the key loop).
+    auto copy_kv = [&](int tile, int stage) {
+      const uint32_t bar = s_bar + 8 * stage;
+      ptx::mbarrier_expect_tx(bar, 2 * Cfg::kKvBytes);
 #pragma unroll
-    for (int s = 0; s < kStages - 1; ++s) {
-      if (tile_begin + s < tile_end) load_kv(tile_begin + s, s);
-      cp_async_commit();
+      for (int r = 0; r < D / 64; ++r) {
+        const uint32_t off = stage * Cfg::kKvBytes + r * Cfg::kKvRegion;
+        ptx::tma_load_4d(s_k + off, &p.k_map, 64 * r, h, tile * kKeys, b, bar);
+        ptx::tma_load_4d(s_v + off, &p.v_map, 64 * r, h, tile * kKeys, b, bar);
+      }
+    };
+    if (tensor_copies) {
+      if (tid == 0) {
+        for (int s = 0; s < kStages; ++s) ptx::mbarrier_init(s_bar + 8 * s, 1);
+        ptx::fence_mbarrier_init();
+      }
+      __syncthreads();
+      if (tid == 0)
+        for (int s = 0; s < kStages - 1; ++s)
+          if (tile_begin + s < tile_end) copy_kv(tile_begin + s, s);
+      cp_async_wait<0>();  // Q
+      ptx::fence_proxy_async();
+    } else
+#else
+    constexpr bool tensor_copies = false;
+#endif
+    {
+#pragma unroll
+      for (int s = 0; s < kStages - 1; ++s) {
+        if (tile_begin + s < tile_end) load_kv(tile_begin + s, s);
+        cp_async_commit();
+      }
     }
 
     // ldmatrix lane addresses (see the mma.m16n8k16 fragment layouts). Every row read here has
@@ -254,15 +296,31 @@ __global__ void __launch_bounds__(Cfg::kThreads) tree_attention_kernel(const Par
 #endif
     for (int t = tile_begin; t < tile_end; ++t) {
       const int it = t - tile_begin;
-      cp_async_wait<kStages - 2>();
-#ifdef JETSPEC_WGMMA
-      if constexpr (kWgmma) ptx::fence_proxy_async();  // this thread's copies, before wgmma reads them
-#endif
-      __syncthreads();  // tile t (and Q) visible to all; every warp is done with the stage refilled next
-      if (t + kStages - 1 < tile_end) load_kv(t + kStages - 1, (it + kStages - 1) % kStages);
-      cp_async_commit();
       const uint32_t k_tile = s_k + (it % kStages) * Cfg::kKvBytes;
       const uint32_t v_tile = s_v + (it % kStages) * Cfg::kKvBytes;
+#ifdef JETSPEC_WGMMA
+      if (tensor_copies) {
+        ptx::mbarrier_wait(s_bar + 8 * (it % kStages), (it / kStages) & 1);
+        __syncthreads();  // every warp is done with the stage refilled next
+        if (tid == 0 && t + kStages - 1 < tile_end) copy_kv(t + kStages - 1, (it + kStages - 1) % kStages);
+        const int valid_keys = key_end - t * kKeys;
+        if (valid_keys < kKeys) {  // the block's last tile: zero V past key_end (P is 0 there, V may not be)
+          for (int c = tid; c < (kKeys - valid_keys) * Cfg::kChunks; c += Cfg::kThreads)
+            ptx::st_shared_zero16(v_tile + swizzle(valid_keys + c / Cfg::kChunks, c % Cfg::kChunks, Cfg::kKvRegion));
+          ptx::fence_proxy_async();
+          __syncthreads();
+        }
+      } else
+#endif
+      {
+        cp_async_wait<kStages - 2>();
+#ifdef JETSPEC_WGMMA
+        if constexpr (kWgmma) ptx::fence_proxy_async();  // this thread's copies, before wgmma reads them
+#endif
+        __syncthreads();  // tile t (and Q) visible to all; every warp is done with the stage refilled next
+        if (t + kStages - 1 < tile_end) load_kv(t + kStages - 1, (it + kStages - 1) % kStages);
+        cp_async_commit();
+      }
 
       float s[kMT][kKeyTiles][4];
       if constexpr (kWgmma) {  // S = Q K^T by the warpgroup, both operands from shared memory
@@ -431,7 +489,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) tree_attention_kernel(const Par
 
 // Merges the splits' partials of one output row per D / 4 threads (4 dims each).
 template <typename T, int D>
-__global__ void __launch_bounds__(128) tree_attention_combine_kernel(const Params p) {
+__global__ void __launch_bounds__(128) tree_attention_combine_kernel(const __grid_constant__ Params p) {
   constexpr int kLanes = D / 4, kRowsPerBlock = 128 / kLanes;
   const TreeAttentionArgs& a = p.a;
   const int64_t rows = static_cast<int64_t>(a.batch) * a.nodes * a.q_heads;
@@ -522,6 +580,7 @@ cudaError_t tree_attention_plan(const TreeAttentionArgs& a, TreeAttentionPlan* p
   plan->tile = kind;
   plan->row_tiles = (rows + tile_rows(kind) - 1) / tile_rows(kind);
   plan->splits = 1;
+  plan->tensor_copies = wgmma && (kind == kMedium || kind == kLargeWgmma);
   return with_kernel(a, kind, [&](auto k) -> cudaError_t {
     using K = decltype(k);
     using Cfg = typename K::Config;
@@ -539,14 +598,59 @@ cudaError_t tree_attention_plan(const TreeAttentionArgs& a, TreeAttentionPlan* p
   });
 }
 
+using TensorMapEncoder = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*, const cuuint64_t*,
+                                      const cuuint64_t*, const cuuint32_t*, const cuuint32_t*, CUtensorMapInterleave,
+                                      CUtensorMapSwizzle, CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+// cuTensorMapEncodeTiled from the driver the runtime loaded (the extension does not link libcuda).
+TensorMapEncoder tensor_map_encoder() {
+  static const TensorMapEncoder encoder = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found) != cudaSuccess ||
+        found != cudaDriverEntryPointSuccess)
+      return TensorMapEncoder{nullptr};
+    return reinterpret_cast<TensorMapEncoder>(fn);
+  }();
+  return encoder;
+}
+
+// The map of a [batch, slots, kv_heads, head_dim] cache (strides in elements) in boxes of `keys` keys x 64
+// columns of one head, 128-byte swizzled as the kernel's K/V tiles are. A stride of a dimension of extent
+// 1 is never used; it is replaced by a valid one so that the encoder accepts any such view.
+bool kv_tensor_map(CUtensorMap* map, const TreeAttentionArgs& a, const void* base, int64_t batch_stride,
+                   int64_t slot_stride, int64_t head_stride, int keys) {
+  const TensorMapEncoder encode = tensor_map_encoder();
+  if (encode == nullptr) return false;
+  const int64_t row_bytes = 2 * static_cast<int64_t>(a.head_dim);
+  const int64_t head_bytes = a.kv_heads > 1 ? 2 * head_stride : row_bytes;
+  const int64_t slot_bytes = 2 * slot_stride;
+  const int64_t batch_bytes = a.batch > 1 ? 2 * batch_stride : slot_bytes * a.slots;
+  const cuuint64_t dims[4] = {static_cast<cuuint64_t>(a.head_dim), static_cast<cuuint64_t>(a.kv_heads),
+                              static_cast<cuuint64_t>(a.slots), static_cast<cuuint64_t>(a.batch)};
+  const cuuint64_t strides[3] = {static_cast<cuuint64_t>(head_bytes), static_cast<cuuint64_t>(slot_bytes),
+                                 static_cast<cuuint64_t>(batch_bytes)};
+  const cuuint32_t box[4] = {64, 1, static_cast<cuuint32_t>(keys), 1};
+  const cuuint32_t unit[4] = {1, 1, 1, 1};
+  return encode(map, a.bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 4,
+                const_cast<void*>(base), dims, strides, box, unit, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
 cudaError_t tree_attention(const TreeAttentionArgs& a, const TreeAttentionPlan& plan, float* partial_out,
                            float* partial_lse, cudaStream_t stream) {
   if (a.batch == 0) return cudaSuccess;
-  const Params p{a, a.q_heads / a.kv_heads, plan.row_tiles, plan.splits, partial_out, partial_lse};
+  Params p{a, a.q_heads / a.kv_heads, plan.row_tiles, plan.splits, partial_out, partial_lse};
   return with_kernel(a, plan.tile, [&](auto k) -> cudaError_t {
     using K = decltype(k);
     using T = typename K::Elem;
     using Cfg = typename K::Config;
+    if (plan.tensor_copies) {  // else, or if the driver cannot encode these views, cp.async
+      p.tensor_copies =
+          kv_tensor_map(&p.k_map, a, a.key, a.k_batch_stride, a.k_slot_stride, a.k_head_stride, Cfg::kKeys) &&
+          kv_tensor_map(&p.v_map, a, a.value, a.v_batch_stride, a.v_slot_stride, a.v_head_stride, Cfg::kKeys);
+    }
     const dim3 grid(static_cast<unsigned>(plan.row_tiles * plan.splits), static_cast<unsigned>(a.kv_heads),
                     static_cast<unsigned>(a.batch));
     tree_attention_kernel<T, Cfg><<<grid, Cfg::kThreads, Cfg::kSmem, stream>>>(p);
