@@ -79,8 +79,8 @@ __device__ __forceinline__ void mbarrier_wait(uint32_t bar, uint32_t parity) {
       "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
       "@!done bra wait;\n}\n" ::"r"(bar), "r"(parity) : "memory");
 }
-// Copies the box at coordinates (c0 innermost .. c3) of a 4-d tensor map into shared memory at `dst`,
-// completing `bytes` of the transaction on `bar`.
+// Copies the box at coordinates (c0 innermost .. c3) of a 4-d tensor map into shared memory at `dst`;
+// the box's bytes count towards the transaction of `bar`.
 __device__ __forceinline__ void tma_load_4d(uint32_t dst, const void* map, int c0, int c1, int c2, int c3, uint32_t bar) {
   asm volatile(
       "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], [%6];\n"

@@ -580,7 +580,7 @@ cudaError_t tree_attention_plan(const TreeAttentionArgs& a, TreeAttentionPlan* p
   plan->tile = kind;
   plan->row_tiles = (rows + tile_rows(kind) - 1) / tile_rows(kind);
   plan->splits = 1;
-  plan->tensor_copies = wgmma && (kind == kMedium || kind == kLargeWgmma);
+  plan->tensor_copies = wgmma;
   return with_kernel(a, kind, [&](auto k) -> cudaError_t {
     using K = decltype(k);
     using Cfg = typename K::Config;
@@ -646,7 +646,7 @@ cudaError_t tree_attention(const TreeAttentionArgs& a, const TreeAttentionPlan& 
     using K = decltype(k);
     using T = typename K::Elem;
     using Cfg = typename K::Config;
-    if (plan.tensor_copies) {  // else, or if the driver cannot encode these views, cp.async
+    if (plan.tensor_copies && Cfg::kWarpgroup) {  // else, or if the driver cannot encode these views, cp.async
       p.tensor_copies =
           kv_tensor_map(&p.k_map, a, a.key, a.k_batch_stride, a.k_slot_stride, a.k_head_stride, Cfg::kKeys) &&
           kv_tensor_map(&p.v_map, a, a.value, a.v_batch_stride, a.v_slot_stride, a.v_head_stride, Cfg::kKeys);

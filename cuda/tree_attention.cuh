@@ -30,7 +30,7 @@ struct TreeAttentionPlan {
   int tile;       // which block shape (rows of query heads x nodes per block); opaque to the caller
   int row_tiles;  // blocks along the (query head in group, node) rows of one kv head
   int splits;     // blocks along the keys; > 1 needs the partial buffers below
-  bool tensor_copies;  // the copy engine (TMA) fills the K/V tiles; else every thread issues cp.async
+  bool tensor_copies;  // the device runs sm_90a code: the copy engine (TMA) fills the warpgroup blocks' K/V tiles
 };
 
 cudaError_t tree_attention_plan(const TreeAttentionArgs& args, TreeAttentionPlan* plan);
