@@ -5,6 +5,9 @@
     compute-sanitizer --tool initcheck python -m bench.sanitize_tree_attention
     compute-sanitizer --tool synccheck python -m bench.sanitize_tree_attention
 
+(with JETSPEC_TREE_ATTENTION_TMA=0 in the environment, the warpgroup blocks' cp.async path instead of
+the copy engine).
+
 The shapes cover every block shape (decode, short tree, large tree), both head dims and dtypes, split
 and unsplit key ranges, a prefix that is not a multiple of the key tile, zero prefix, GQA 1/3/4/8 and
 cache slices with slots past the tree (never to be read). Each result is checked against the float32
@@ -26,9 +29,9 @@ SHAPES = [
     (1, [777, 5], 2, 4, 128, torch.bfloat16, None),  # decode: 16-row blocks, many splits
     (16, [1000, 63], 2, 4, 64, torch.float16, None),  # short tree: 64-row blocks
     (17, [0, 1], 1, 8, 128, torch.bfloat16, 0),  # one key tile, no split
-    (100, [300, 129], 2, 4, 128, torch.float16, None),  # 128-row blocks (64-key wgmma tiles on sm_90a), split
+    (100, [300, 129], 2, 4, 128, torch.float16, None),  # 128-row blocks (warp-specialised on sm_90a), split
     (33, [500, 77], 2, 3, 128, torch.float16, None),  # GQA 3: node rows straddle the 128-row blocks
-    (256, [2000, 70], 1, 8, 64, torch.bfloat16, 0),  # 128-row blocks (64-key tiles), no split
+    (256, [2000, 70], 1, 8, 64, torch.bfloat16, 0),  # 128-row blocks, no split
     (64, [4096, 3000], 8, 1, 128, torch.bfloat16, 4096),  # no GQA
 ]
 

@@ -33,6 +33,8 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 
 #include "checks.h"
@@ -196,6 +198,11 @@ void tree_attention_cuda(const at::Tensor& query, const at::Tensor& key_cache, c
   args.bf16 = query.scalar_type() == at::kBFloat16;
   cuda::TreeAttentionPlan plan{};
   check_launch(cuda::tree_attention_plan(args, &plan), kOp);
+  // JETSPEC_TREE_ATTENTION_TMA=0 has the warpgroup blocks copy K/V with cp.async instead of the copy
+  // engine: what they do where the driver cannot describe a cache view, kept reachable for tests (every
+  // view the tests build encodes) and as an escape hatch.
+  if (const char* tma = std::getenv("JETSPEC_TREE_ATTENTION_TMA"); tma != nullptr && std::strcmp(tma, "0") == 0)
+    plan.tensor_copies = false;
   // Split partials: sized from shapes and max_prefix only, so the allocation is the same on every
   // graph replay (the caching allocator serves it from the graph's pool).
   at::Tensor partial_out, partial_lse;

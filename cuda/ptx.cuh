@@ -16,8 +16,21 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending) : "memory");
 }
 
+__device__ __forceinline__ void st_shared_f32(uint32_t addr, float v) {
+  asm volatile("st.shared.f32 [%0], %1;\n" ::"r"(addr), "f"(v) : "memory");
+}
+
 __device__ __forceinline__ void st_shared_zero16(uint32_t addr) {
   asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(addr), "r"(0) : "memory");
+}
+
+// Named barrier `id` (1-15; 0 is __syncthreads) over `threads` threads, a multiple of 32: sync waits for
+// all of them, arrive counts this warp and goes on.
+__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
 }
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {
@@ -57,7 +70,23 @@ __device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], 
 
 __device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wgmma_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wgmma_wait_all() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+// Moves this warpgroup's per-thread register budget to N (a multiple of 8 in [24, 256]): a
+// warp-specialised block launches with an even budget and then hands the producer's spare registers to
+// the consumers. Every warp of the warpgroup executes it.
+template <int N>
+__device__ __forceinline__ void setmaxnreg_dec() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+template <int N>
+__device__ __forceinline__ void setmaxnreg_inc() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(N));
+}
+
+// Waits until at most kPending of this warpgroup's committed product groups are still in flight.
+template <int kPending>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
+}
 // Orders this thread's generic-proxy shared-memory writes (cp.async included) before async-proxy
 // (wgmma) reads of them that a later barrier publishes.
 __device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
@@ -71,6 +100,10 @@ __device__ __forceinline__ void fence_mbarrier_init() { asm volatile("fence.mbar
 // Arrives on `bar` and expects `bytes` more to land before its phase completes.
 __device__ __forceinline__ void mbarrier_expect_tx(uint32_t bar, uint32_t bytes) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+}
+// Arrives on `bar` (no transaction).
+__device__ __forceinline__ void mbarrier_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
 }
 // Waits until the phase of `bar` with this parity has completed.
 __device__ __forceinline__ void mbarrier_wait(uint32_t bar, uint32_t parity) {
@@ -115,6 +148,12 @@ __device__ __forceinline__ uint64_t desc_advance(uint64_t desc, uint32_t bytes) 
                "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31},\n" \
                "%32, %33, p, 1, 1, 0, 0;\n}\n" \
                : JETSPEC_F32(0) : "l"(a), "l"(b), "r"(accumulate))
+#define JETSPEC_WGMMA_SS128(TY) \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n" \
+               "wgmma.mma_async.sync.aligned.m64n128k16.f32." TY "." TY "\n" \
+               "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63},\n" \
+               "%64, %65, p, 1, 1, 0, 0;\n}\n" \
+               : JETSPEC_F64(0) : "l"(a), "l"(b), "r"(accumulate))
 #define JETSPEC_WGMMA_RS64(TY) \
   asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n" \
                "wgmma.mma_async.sync.aligned.m64n64k16.f32." TY "." TY "\n" \
@@ -132,11 +171,13 @@ __device__ __forceinline__ uint64_t desc_advance(uint64_t desc, uint32_t bytes) 
 // (descriptors a, b).
 template <int N, bool kBF16>
 __device__ __forceinline__ void wgmma_ss(float (&d)[N / 2], uint64_t a, uint64_t b, int accumulate) {
-  static_assert(N == 32 || N == 64, "instantiated shapes");
+  static_assert(N == 32 || N == 64 || N == 128, "instantiated shapes");
   if constexpr (N == 32) {
     if constexpr (kBF16) JETSPEC_WGMMA_SS32("bf16"); else JETSPEC_WGMMA_SS32("f16");
-  } else {
+  } else if constexpr (N == 64) {
     if constexpr (kBF16) JETSPEC_WGMMA_SS64("bf16"); else JETSPEC_WGMMA_SS64("f16");
+  } else {
+    if constexpr (kBF16) JETSPEC_WGMMA_SS128("bf16"); else JETSPEC_WGMMA_SS128("f16");
   }
 }
 
@@ -153,6 +194,7 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[N / 2], const uint32_t (&a)[
 }
 #undef JETSPEC_WGMMA_SS32
 #undef JETSPEC_WGMMA_SS64
+#undef JETSPEC_WGMMA_SS128
 #undef JETSPEC_WGMMA_RS64
 #undef JETSPEC_WGMMA_RS128
 #undef JETSPEC_F64

@@ -6,21 +6,23 @@
 // head of its kv head (GQA costs no extra K/V traffic). A block owns kRows consecutive rows of one
 // (sequence, kv head); a warp owns 16 or 32 of them (one or two m16 tiles: with two, every K/V
 // fragment read from shared memory feeds two tensor-core products, which halves the shared-memory
-// traffic per FLOP and is what makes the large tile compute-bound rather than ldmatrix-bound). The
-// m-tiles interleave across a block's 4 warps so that each set of 4 forms one 64-row wgmma tile.
+// traffic per FLOP and is what makes the mma.sync tile compute-bound rather than ldmatrix-bound). The
+// m-tiles interleave across a block's warps so that each m-tile of 4 consecutive warps is one 64-row
+// wgmma tile.
 //
 // Keys. Tiles of kKeys keys stream through a kStages-deep ring of 128-byte rows with XOR-swizzled
 // 16-byte chunks (ldmatrix reads hit 8 distinct bank groups, and the layout is wgmma's 128-byte
 // swizzle). On sm_90a one thread asks the copy engine (TMA) for each tile, completing on a per-stage
 // mbarrier: issuing 16-byte cp.async copies from every thread cost the 4-warp blocks ~4% of their time
 // in address arithmetic and issue slots. Elsewhere (and if the driver cannot describe the cache view)
-// every thread copies with cp.async. On sm_90a the 4-warp blocks run S = Q K^T as warpgroup MMAs with both
-// operands in shared memory and O += P V with P from the score registers and V read in place
+// every thread copies with cp.async. On sm_90a the warpgroup blocks run S = Q K^T as warpgroup MMAs with
+// both operands in shared memory and O += P V with P from the score registers and V read in place
 // (transposed descriptor); elsewhere, and for the 1-warp decode block, both run on mma.sync m16n8k16.
+// The large trees' block on sm_90a is warp-specialised (see tree_attention_specialised_kernel).
 // Accumulators are fp32; the online softmax is in fp32 and base 2 (the scale is folded into the
-// exponent). Tiles entirely inside the prefix need no mask; the few that reach the
-// tree block test the ancestor bits, fetched as one 64-bit window per row and tile. Node order puts
-// every ancestor before its descendants, so a block's keys end right after its last node's own key.
+// exponent). Tiles entirely inside the prefix need no mask; the few that reach the tree block test the
+// ancestor bits, fetched as 64-bit windows per row and tile. Node order puts every ancestor before its
+// descendants, so a block's keys end right after its last node's own key.
 //
 // Splits (flash-decoding). A short tree gives few blocks (one per kv head for N = 1), so the key range
 // is cut into `splits` parts whose partial (normalised output, log-sum-exp) go to fp32 buffers and a
@@ -46,42 +48,53 @@ using ptx::smem_addr;
 
 constexpr float kLog2e = 1.4426950408889634f;
 
-template <int kHeadDim_, int kWarps_, int kMTiles_, int kKeys_, int kStages_>
+template <int kHeadDim_, int kWarps_, int kMTiles_, int kKeys_, int kStages_, bool kSpecialised_ = false>
 struct Tile {
   static constexpr int kHeadDim = kHeadDim_, kWarps = kWarps_, kMTiles = kMTiles_, kKeys = kKeys_,
                        kStages = kStages_;
-  static constexpr bool kWarpgroup = kWarps == 4;  // can run wgmma (on sm_90a)
-  static constexpr int kThreads = 32 * kWarps;
+  // A warp-specialised block (sm_90a only) adds a producer warpgroup to the kWarps warps that hold rows.
+  static constexpr bool kSpecialised = kSpecialised_;
+  static constexpr bool kWarpgroup = kWarps % 4 == 0;  // can run wgmma (on sm_90a)
+  static constexpr int kThreads = 32 * kWarps;         // the threads that hold rows
+  static constexpr int kLaunchThreads = kThreads + (kSpecialised ? 128 : 0);
   static constexpr int kRows = 16 * kMTiles * kWarps;
   static constexpr int kChunks = kHeadDim / 8;  // 16-byte chunks per row
   static constexpr int kRowBytes = kHeadDim * 2;
   static constexpr int kKvBytes = kKeys * kRowBytes;  // one K (or V) tile in shared memory
-  // Q, the K and V rings, and one 8-byte mbarrier per stage (used when tensor copies fill the rings).
-  static constexpr int kSmem = kRows * kRowBytes + 2 * kStages * kKvBytes + 8 * kStages;
+  // Q, the K and V rings, two 8-byte mbarriers per stage (filled, and emptied: used by tensor copies)
+  // and a word per warp.
+  static constexpr int kSmem = kRows * kRowBytes + 2 * kStages * kKvBytes + 16 * kStages + 4 * kWarps;
   // Tiles are stored as head_dim / 64 column regions of 128-byte rows (the wgmma 128-byte swizzle atom).
   static constexpr int kQRegion = kRows * 128, kKvRegion = kKeys * 128;
-  static_assert(kKeys == 32 || kKeys == 64, "the ancestor window is 64 bits");
+  static_assert(kKeys == 32 || kKeys % 64 == 0, "ancestor windows of 64 bits");
   static_assert((kRows * kChunks) % kThreads == 0 && (kKeys * kChunks) % kThreads == 0, "even copy split");
   static_assert(kThreads % kChunks == 0, "a thread copies one chunk column");
 };
 
 // Block shapes, by rows (query heads per kv head x nodes): decoding (<= 16 rows) and short trees
 // (<= 64) are bound by K/V bytes, so they keep deep pipelines and waste few tensor-core rows; larger
-// trees take the compute-bound 128-row tile (two m-tiles per warp, two blocks per SM). At head_dim 128
-// its O accumulators alone take 128 registers a thread. With mma.sync, 64-key score tiles (64 more,
-// plus the K/V fragments) spill, so that tile uses 32-key tiles and a deeper ring. With wgmma (sm_90a)
-// the operands stay in shared memory and 64-key tiles fit (249 registers): half the barriers and
-// softmax passes per key, and an S product wide enough that reading Q from shared memory no longer
-// bounds it; two stages keep two blocks per SM within shared memory. Measured on an H100 (N = 256,
-// 32k prefix): 280 us with it against 362 us with the 32-key tile.
-enum TileKind : int { kSmall = 0, kMedium = 1, kLarge = 2, kLargeWgmma = 3 };
+// trees take a compute-bound 128-row tile. At head_dim 128 its O accumulators take 128 registers a
+// thread when one warpgroup holds all 128 rows (two m-tiles per warp). With mma.sync, 64-key score tiles
+// (64 more, plus the K/V fragments) spill, so that tile uses 32-key tiles and a deeper ring. With wgmma
+// (sm_90a) the operands stay in shared memory and 64-key tiles fit (249 registers).
+// On sm_90a the 128 rows are normally split between two warpgroups of one m-tile each, fed by a producer
+// warpgroup (the specialised tile, one block per SM): a warpgroup's softmax runs while the other's
+// products use the tensor cores, which the single-warpgroup block could only get from a second block per
+// SM whose phases drift into step with its own. With 64 rows a warpgroup, 128-key tiles fit (O 64, S 64
+// and P 32 registers): twice the products per softmax pass, barrier and wait, and half the Q reads per
+// FLOP. Measured on an H100 at 32k (bench/results/h100/specialised/): N = 64 85.1 -> 74.6 us and N = 256
+// 257.1 -> 205.3 us (standalone harness, against the single-warpgroup tile); 64-key tiles gave 78.1 and
+// 245.0, and two stages of 128 keys 104.7 and 344.3 (three fill shared memory). The single-warpgroup
+// wgmma tile remains for when the driver cannot describe the cache to the copy engine.
+enum TileKind : int { kSmall = 0, kMedium = 1, kLarge = 2, kLargeSpecialised = 3 };
 template <int D> using SmallTile = Tile<D, 1, 1, 64, 3>;
 template <int D> using MediumTile = Tile<D, 4, 1, 64, 3>;
 template <int D> using LargeTile = std::conditional_t<D == 128, Tile<D, 4, 2, 32, 4>, Tile<D, 4, 2, 64, 3>>;
 template <int D> using LargeWgmmaTile = Tile<D, 4, 2, 64, 2>;
+template <int D> using LargeSpecialisedTile = Tile<D, 8, 1, 128, 3, true>;
 
 int tile_kind(int rows, bool wgmma) {
-  return rows <= 16 ? kSmall : (rows <= 64 ? kMedium : (wgmma ? kLargeWgmma : kLarge));
+  return rows <= 16 ? kSmall : (rows <= 64 ? kMedium : (wgmma ? kLargeSpecialised : kLarge));
 }
 int tile_rows(int kind) { return kind == kSmall ? 16 : (kind == kMedium ? 64 : 128); }
 
@@ -124,7 +137,7 @@ __device__ __forceinline__ uint32_t swizzle(int row, int chunk, int region) {
 }
 
 // First row of warp `warp`'s m-tile `mt` within the block: m-tiles are interleaved across the warps so
-// that each m-tile of the block's 4 warps is one 64-row wgmma tile.
+// that each m-tile of 4 consecutive warps is one 64-row wgmma tile.
 template <typename Cfg>
 __device__ __forceinline__ int tile_row(int warp, int mt) {
   return 16 * (mt * Cfg::kWarps + warp);
@@ -145,20 +158,250 @@ __device__ __forceinline__ uint64_t visible_bits(const int32_t* row, int words, 
   return bits;
 }
 
-// max or sum (op) of this thread's scores of one row of an m-tile (elements 2 hf and 2 hf + 1 of every
-// 8-key column tile) as a balanced tree: a dependent chain log2(keys) deep rather than one step per key.
-template <int kTiles, typename Op>
+// max or sum (op) of this thread's scores of one row of an m-tile (elements 2 hf and 2 hf + 1 of the
+// 8-key column tiles [kFirst, kFirst + kCount)) as a balanced tree: a dependent chain log2(keys) deep
+// rather than one step per key. Recursion rather than loops over an array: for 16 column tiles the
+// unroller left such loops rolled and the array in local memory.
+template <int kFirst, int kCount, int kTiles, typename Op>
 __device__ __forceinline__ float row_reduce(const float (&s)[kTiles][4], int hf, Op op) {
-  static_assert((kTiles & (kTiles - 1)) == 0, "a power of two");
-  float v[kTiles];
-#pragma unroll
-  for (int n = 0; n < kTiles; ++n) v[n] = op(s[n][2 * hf], s[n][2 * hf + 1]);
-#pragma unroll
-  for (int w = kTiles / 2; w > 0; w /= 2)
-#pragma unroll
-    for (int i = 0; i < w; ++i) v[i] = op(v[i], v[i + w]);
-  return v[0];
+  if constexpr (kCount == 1) {
+    return op(s[kFirst][2 * hf], s[kFirst][2 * hf + 1]);
+  } else {
+    static_assert(kCount % 2 == 0, "a power of two");
+    return op(row_reduce<kFirst, kCount / 2>(s, hf, op), row_reduce<kFirst + kCount / 2, kCount / 2>(s, hf, op));
+  }
 }
+
+// The rows and keys of this block, from the grid and the sequence's prefix length.
+struct BlockSpan {
+  int row0, rows;            // the block's first row; rows of its (sequence, kv head)
+  int prefix, key_end;       // keys past key_end are visible to none of the block's rows
+  int tile_begin, tile_end;  // this split's key tiles
+  int split, h, b;
+};
+
+template <typename Cfg>
+__device__ __forceinline__ BlockSpan block_span(const Params& p) {
+  const TreeAttentionArgs& a = p.a;
+  BlockSpan s;
+  s.split = blockIdx.x / p.row_tiles;
+  s.h = blockIdx.y;
+  s.b = blockIdx.z;
+  s.rows = p.group * a.nodes;
+  s.row0 = (blockIdx.x % p.row_tiles) * Cfg::kRows;
+  // Out-of-contract prefix lengths are clamped rather than trusted: a bad value must not fault.
+  const int64_t raw_prefix = a.prefix_len[s.b];
+  s.prefix = static_cast<int>(raw_prefix < 0 ? 0 : (raw_prefix > a.slots - a.nodes ? a.slots - a.nodes : raw_prefix));
+  const int last_node = (min(s.row0 + Cfg::kRows, s.rows) - 1) / p.group;
+  s.key_end = s.prefix + last_node + 1;
+  const int tiles = (s.key_end + Cfg::kKeys - 1) / Cfg::kKeys;
+  const int per_split = (tiles + p.splits - 1) / p.splits;
+  s.tile_begin = s.split * per_split;
+  s.tile_end = min(tiles, s.tile_begin + per_split);
+  return s;
+}
+
+// cp.async of rows [first, first + kCount) of the block's Q tile, by kCopiers threads (tid among them).
+template <typename T, typename Cfg, int kCount, int kCopiers>
+__device__ __forceinline__ void load_q(const Params& p, const BlockSpan& sp, uint32_t s_q, int first, int tid) {
+  const TreeAttentionArgs& a = p.a;
+  const T* q_base = static_cast<const T*>(a.query) + sp.b * a.q_batch_stride;
+#pragma unroll
+  for (int i = 0; i < kCount * Cfg::kChunks / kCopiers; ++i) {
+    const int c = tid + i * kCopiers, r = first + c / Cfg::kChunks, ch = c % Cfg::kChunks;
+    const int row = sp.row0 + r;
+    const bool valid = row < sp.rows;
+    const int node = row / p.group, head = sp.h * p.group + (row - node * p.group);
+    const T* src = valid ? q_base + node * a.q_node_stride + head * a.q_head_stride + ch * 8 : q_base;
+    cp_async16(s_q + swizzle(r, ch, Cfg::kQRegion), src, valid);
+  }
+  cp_async_commit();
+}
+
+// Keys of the tree block that a row may not see get score -inf; the tile starts at key t * kKeys.
+template <typename Cfg, int kKeyTiles>
+__device__ __forceinline__ void mask_tree_keys(float (&s)[Cfg::kMTiles][kKeyTiles][4], const Params& p,
+                                               const BlockSpan& sp, int t, int warp, int lane) {
+  const TreeAttentionArgs& a = p.a;
+#pragma unroll
+  for (int mt = 0; mt < Cfg::kMTiles; ++mt)
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int row = min(sp.row0 + tile_row<Cfg>(warp, mt) + (lane >> 2) + 8 * hf, sp.rows - 1);
+      const int node = row / p.group;
+      const int32_t* words = a.ancestors + (static_cast<int64_t>(sp.b) * a.nodes + node) * a.words;
+#pragma unroll
+      for (int w = 0; w < (Cfg::kKeys + 63) / 64; ++w) {  // 64-key windows
+        const uint64_t bits =
+            visible_bits(words, a.words, node, t * Cfg::kKeys + 64 * w - sp.prefix) >> (2 * (lane & 3));
+#pragma unroll
+        for (int n = 0; n < min(kKeyTiles - 8 * w, 8); ++n)
+#pragma unroll
+          for (int e = 0; e < 2; ++e)
+            if (!((bits >> (8 * n + e)) & 1)) s[mt][8 * w + n][2 * hf + e] = -INFINITY;
+      }
+    }
+}
+
+// A row keeps its running max until a tile's max exceeds it by more than 2^kStaleLog2 in the
+// exponentials: P and the sums may then reach 2^kStaleLog2, harmless in fp32 accumulators and in P's
+// 8-bit exponent, and O is rescaled (a multiply per accumulator) only at such jumps instead of at every
+// increase. The result is the same softmax: every exponential and the final sum share one base.
+constexpr float kStaleLog2 = 8.f;
+
+// One tile of the online softmax (base 2, the scale, positive, folded into the exponent): e gets the
+// exponentials of the scores s against the running max m (e may be s itself), l the running sum.
+// Returns whether the max of any row of the warp moved, in which case O must be multiplied by
+// `correction` before the tile's P V is added.
+template <int kMT, int kKeyTiles>
+__device__ __forceinline__ bool online_softmax(const float (&s)[kMT][kKeyTiles][4], float (&e)[kMT][kKeyTiles][4],
+                                               float (&m)[kMT][2], float (&l)[kMT][2], float (&correction)[kMT][2],
+                                               float scale_log2) {
+  bool moved = false;
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      float mx = row_reduce<0, kKeyTiles>(s[mt], hf, [](float x, float y) { return fmaxf(x, y); });
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      // Also true for the first visible key (m = -inf); false while the row sees no key (both -inf: NaN).
+      const bool move = (mx - m[mt][hf]) * scale_log2 > kStaleLog2;
+      correction[mt][hf] = move ? exp2f((m[mt][hf] - mx) * scale_log2) : 1.f;
+      moved |= move;
+      if (move) m[mt][hf] = mx;
+      // A row with no visible key yet keeps max -inf; exponentiate against 0 so that it stays 0, not NaN.
+      const float base = m[mt][hf] == -INFINITY ? 0.f : m[mt][hf] * scale_log2;
+#pragma unroll
+      for (int n = 0; n < kKeyTiles; ++n)
+#pragma unroll
+        for (int i = 0; i < 2; ++i) e[mt][n][2 * hf + i] = exp2f(fmaf(s[mt][n][2 * hf + i], scale_log2, -base));
+      const float sum = row_reduce<0, kKeyTiles>(e[mt], hf, [](float x, float y) { return x + y; });
+      l[mt][hf] = fmaf(l[mt][hf], correction[mt][hf], sum);
+    }
+  return __any_sync(0xffffffffu, moved);
+}
+
+template <int kMT, int kDimTiles>
+__device__ __forceinline__ void rescale(float (&o)[kMT][kDimTiles][4], const float (&correction)[kMT][2]) {
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+    for (int n = 0; n < kDimTiles; ++n) {
+      o[mt][n][0] *= correction[mt][0];
+      o[mt][n][1] *= correction[mt][0];
+      o[mt][n][2] *= correction[mt][1];
+      o[mt][n][3] *= correction[mt][1];
+    }
+}
+
+// P in the input dtype: the S accumulator layout is the A-fragment layout of P V.
+template <typename T, int kMT, int kKeyTiles>
+__device__ __forceinline__ void pack_p(const float (&s)[kMT][kKeyTiles][4], uint32_t (&pa)[kKeyTiles / 2][kMT][4]) {
+#pragma unroll
+  for (int kk = 0; kk < kKeyTiles / 2; ++kk)
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt) {
+      pa[kk][mt][0] = pack2<T>(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+      pa[kk][mt][1] = pack2<T>(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+      pa[kk][mt][2] = pack2<T>(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+      pa[kk][mt][3] = pack2<T>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+    }
+}
+
+// Epilogue: every valid row is written, also by a split that got no keys (its partial is empty).
+template <typename T, typename Cfg, int kDimTiles>
+__device__ __forceinline__ void store_rows(const Params& p, const BlockSpan& sp, const float (&o)[Cfg::kMTiles][kDimTiles][4],
+                                           const float (&m)[Cfg::kMTiles][2], const float (&l)[Cfg::kMTiles][2],
+                                           float scale_log2, int warp, int lane) {
+  const TreeAttentionArgs& a = p.a;
+#pragma unroll
+  for (int mt = 0; mt < Cfg::kMTiles; ++mt)
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      float sum = l[mt][hf];
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      const int row = sp.row0 + tile_row<Cfg>(warp, mt) + (lane >> 2) + 8 * hf;
+      if (row >= sp.rows) continue;
+      const float inv = sum > 0.f ? 1.f / sum : 0.f;  // no visible key: output 0
+      const int node = row / p.group, head = sp.h * p.group + (row - node * p.group);
+      const int col = 2 * (lane & 3);
+      if (p.splits == 1) {
+        T* dst = static_cast<T*>(a.out) + sp.b * a.o_batch_stride + node * a.o_node_stride + head * a.o_head_stride + col;
+#pragma unroll
+        for (int n = 0; n < kDimTiles; ++n)
+          *reinterpret_cast<uint32_t*>(dst + 8 * n) = pack2<T>(o[mt][n][2 * hf] * inv, o[mt][n][2 * hf + 1] * inv);
+      } else {
+        const int64_t prow = (static_cast<int64_t>(sp.split * a.batch + sp.b) * a.nodes + node) * a.q_heads + head;
+        float* dst = p.part_o + prow * Cfg::kHeadDim + col;
+#pragma unroll
+        for (int n = 0; n < kDimTiles; ++n)
+          *reinterpret_cast<float2*>(dst + 8 * n) = make_float2(o[mt][n][2 * hf] * inv, o[mt][n][2 * hf + 1] * inv);
+        if ((lane & 3) == 0) p.part_lse[prow] = sum > 0.f ? fmaf(m[mt][hf], scale_log2, log2f(sum)) : -INFINITY;
+      }
+    }
+}
+
+#ifdef JETSPEC_WGMMA
+// One thread asks the copy engine for key tile `tile` into ring stage `stage`: 4 (head_dim 128) or 2 boxes
+// of kKeys x 64 columns each of K and V, completing on the mbarrier `bar`. Keys past the cache's slots
+// arrive as zeros; keys in [key_end, slots) arrive as whatever the cache holds (see zero_v_tail).
+template <typename Cfg>
+__device__ __forceinline__ void copy_kv_tile(const Params& p, const BlockSpan& sp, uint32_t s_k, uint32_t s_v,
+                                             uint32_t bar, int tile, int stage) {
+  ptx::mbarrier_expect_tx(bar, 2 * Cfg::kKvBytes);
+#pragma unroll
+  for (int r = 0; r < Cfg::kHeadDim / 64; ++r) {
+    const uint32_t off = stage * Cfg::kKvBytes + r * Cfg::kKvRegion;
+    ptx::tma_load_4d(s_k + off, &p.k_map, 64 * r, sp.h, tile * Cfg::kKeys, sp.b, bar);
+    ptx::tma_load_4d(s_v + off, &p.v_map, 64 * r, sp.h, tile * Cfg::kKeys, sp.b, bar);
+  }
+}
+
+// Zeroes the V rows [valid_keys, kKeys) of a tile the copy engine filled, by `threads` threads: P is 0
+// there, but the cache may hold anything past key_end (NaN included, and 0 * NaN is NaN). The caller
+// publishes the zeros to the tensor cores with a barrier.
+template <typename Cfg>
+__device__ __forceinline__ void zero_v_tail(uint32_t v_tile, int valid_keys, int tid, int threads) {
+  for (int c = tid; c < (Cfg::kKeys - valid_keys) * Cfg::kChunks; c += threads)
+    ptx::st_shared_zero16(v_tile + swizzle(valid_keys + c / Cfg::kChunks, c % Cfg::kChunks, Cfg::kKvRegion));
+  ptx::fence_proxy_async();
+}
+
+// S = Q K^T for a warpgroup's kMT m-tiles, both operands from shared memory (descriptors of the
+// warpgroup's first Q row and of the stage's K tile). The first product overwrites S: zeroing it first
+// would be register writes that ptxas makes wait for the warpgroup's products in flight.
+template <typename T, typename Cfg, int kMT, int kKeyTiles>
+__device__ __forceinline__ void issue_qk(float (&s)[kMT][kKeyTiles][4], uint64_t q_desc, uint64_t k_desc) {
+#pragma unroll
+  for (int kk = 0; kk < Cfg::kHeadDim / 16; ++kk) {
+    const uint64_t kd = ptx::desc_advance(k_desc, (kk >> 2) * Cfg::kKvRegion + (kk & 3) * 32);
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt) {
+      const uint32_t q_off = (kk >> 2) * Cfg::kQRegion + mt * 64 * 128 + (kk & 3) * 32;
+      ptx::wgmma_ss<Cfg::kKeys, std::is_same_v<T, __nv_bfloat16>>(reinterpret_cast<float(&)[Cfg::kKeys / 2]>(s[mt]),
+                                                                  ptx::desc_advance(q_desc, q_off), kd, kk > 0);
+    }
+  }
+  ptx::wgmma_commit();
+}
+
+// O += P V: P from registers, V MN-major in shared memory (descriptor of the stage's V tile).
+template <typename T, typename Cfg, int kMT, int kDimTiles>
+__device__ __forceinline__ void issue_pv(float (&o)[kMT][kDimTiles][4], const uint32_t (&pa)[Cfg::kKeys / 16][kMT][4],
+                                         uint64_t v_desc) {
+#pragma unroll
+  for (int kk = 0; kk < Cfg::kKeys / 16; ++kk) {
+    const uint64_t vd = ptx::desc_advance(v_desc, kk * 16 * 128);
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt)
+      ptx::wgmma_rs<Cfg::kHeadDim, std::is_same_v<T, __nv_bfloat16>>(reinterpret_cast<float(&)[Cfg::kHeadDim / 2]>(o[mt]),
+                                                                     pa[kk][mt], vd);
+  }
+  ptx::wgmma_commit();
+}
+#endif
 
 template <typename T, typename Cfg>
 __global__ void __launch_bounds__(Cfg::kThreads) tree_attention_kernel(const __grid_constant__ Params p) {
@@ -173,20 +416,8 @@ __global__ void __launch_bounds__(Cfg::kThreads) tree_attention_kernel(const __g
 
   const TreeAttentionArgs& a = p.a;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int row_tile = blockIdx.x % p.row_tiles, split = blockIdx.x / p.row_tiles;
-  const int h = blockIdx.y, b = blockIdx.z;
-  const int rows = p.group * a.nodes;
-  const int row0 = row_tile * Cfg::kRows;
-
-  // Out-of-contract prefix lengths are clamped rather than trusted: a bad value must not fault.
-  const int64_t raw_prefix = a.prefix_len[b];
-  const int prefix = static_cast<int>(raw_prefix < 0 ? 0 : (raw_prefix > a.slots - a.nodes ? a.slots - a.nodes : raw_prefix));
-  const int last_node = (min(row0 + Cfg::kRows, rows) - 1) / p.group;
-  const int key_end = prefix + last_node + 1;
-  const int tiles = (key_end + kKeys - 1) / kKeys;
-  const int per_split = (tiles + p.splits - 1) / p.splits;
-  const int tile_begin = split * per_split;
-  const int tile_end = min(tiles, tile_begin + per_split);
+  const BlockSpan sp = block_span<Cfg>(p);
+  const int tile_begin = sp.tile_begin, tile_end = sp.tile_end, key_end = sp.key_end;
 
 #ifdef JETSPEC_WGMMA
   constexpr bool kWgmma = Cfg::kWarpgroup;
@@ -205,25 +436,14 @@ __global__ void __launch_bounds__(Cfg::kThreads) tree_attention_kernel(const __g
   }
 
   if (tile_begin < tile_end) {
-    const T* q_base = static_cast<const T*>(a.query) + b * a.q_batch_stride;
-    const T* k_base = static_cast<const T*>(a.key) + b * a.k_batch_stride + h * a.k_head_stride;
-    const T* v_base = static_cast<const T*>(a.value) + b * a.v_batch_stride + h * a.v_head_stride;
-
-#pragma unroll
-    for (int i = 0; i < Cfg::kRows * Cfg::kChunks / Cfg::kThreads; ++i) {
-      const int c = tid + i * Cfg::kThreads, r = c / Cfg::kChunks, ch = c % Cfg::kChunks;
-      const int row = row0 + r;
-      const bool valid = row < rows;
-      const int node = row / p.group, head = h * p.group + (row - node * p.group);
-      const T* src = valid ? q_base + node * a.q_node_stride + head * a.q_head_stride + ch * 8 : q_base;
-      cp_async16(s_q + swizzle(r, ch, Cfg::kQRegion), src, valid);
-    }
-    cp_async_commit();
+    load_q<T, Cfg, Cfg::kRows, Cfg::kThreads>(p, sp, s_q, 0, tid);
 
     // Keys past key_end are never visible; zero-filling them keeps P V finite whatever the cache holds
     // (a.key stands in as the address the zero-filling copies are given: always mapped, never read).
     // A thread copies the same chunk of every kRowStep-th key: one running pointer per K and V and a
     // row count left, rather than a hoisted address per copy.
+    const T* k_base = static_cast<const T*>(a.key) + sp.b * a.k_batch_stride + sp.h * a.k_head_stride;
+    const T* v_base = static_cast<const T*>(a.value) + sp.b * a.v_batch_stride + sp.h * a.v_head_stride;
     constexpr int kRowStep = Cfg::kThreads / Cfg::kChunks;
     const int my_key = tid / Cfg::kChunks, my_chunk = tid % Cfg::kChunks;
     const T* k_mine = k_base + my_key * a.k_slot_stride + my_chunk * 8;
@@ -246,19 +466,6 @@ __global__ void __launch_bounds__(Cfg::kThreads) tree_attention_kernel(const __g
     };
 #ifdef JETSPEC_WGMMA
     const bool tensor_copies = kWgmma && p.tensor_copies;
-    // One thread asks the copy engine for a tile: 4 (head_dim 128) or 2 boxes of kKeys x 64 columns.
-    // Keys past the cache's slots arrive as zeros; keys in [key_end, slots) arrive as whatever the cache
-    // holds, and V's rows of them are zeroed before P V reads them (see the key loop).
-    auto copy_kv = [&](int tile, int stage) {
-      const uint32_t bar = s_bar + 8 * stage;
-      ptx::mbarrier_expect_tx(bar, 2 * Cfg::kKvBytes);
-#pragma unroll
-      for (int r = 0; r < D / 64; ++r) {
-        const uint32_t off = stage * Cfg::kKvBytes + r * Cfg::kKvRegion;
-        ptx::tma_load_4d(s_k + off, &p.k_map, 64 * r, h, tile * kKeys, b, bar);
-        ptx::tma_load_4d(s_v + off, &p.v_map, 64 * r, h, tile * kKeys, b, bar);
-      }
-    };
     if (tensor_copies) {
       if (tid == 0) {
         for (int s = 0; s < kStages; ++s) ptx::mbarrier_init(s_bar + 8 * s, 1);
@@ -267,7 +474,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) tree_attention_kernel(const __g
       __syncthreads();
       if (tid == 0)
         for (int s = 0; s < kStages - 1; ++s)
-          if (tile_begin + s < tile_end) copy_kv(tile_begin + s, s);
+          if (tile_begin + s < tile_end) copy_kv_tile<Cfg>(p, sp, s_k, s_v, s_bar + 8 * s, tile_begin + s, s);
       cp_async_wait<0>();  // Q
       ptx::fence_proxy_async();
     } else
@@ -302,12 +509,12 @@ __global__ void __launch_bounds__(Cfg::kThreads) tree_attention_kernel(const __g
       if (tensor_copies) {
         ptx::mbarrier_wait(s_bar + 8 * (it % kStages), (it / kStages) & 1);
         __syncthreads();  // every warp is done with the stage refilled next
-        if (tid == 0 && t + kStages - 1 < tile_end) copy_kv(t + kStages - 1, (it + kStages - 1) % kStages);
+        if (tid == 0 && t + kStages - 1 < tile_end)
+          copy_kv_tile<Cfg>(p, sp, s_k, s_v, s_bar + 8 * ((it + kStages - 1) % kStages), t + kStages - 1,
+                            (it + kStages - 1) % kStages);
         const int valid_keys = key_end - t * kKeys;
-        if (valid_keys < kKeys) {  // the block's last tile: zero V past key_end (P is 0 there, V may not be)
-          for (int c = tid; c < (kKeys - valid_keys) * Cfg::kChunks; c += Cfg::kThreads)
-            ptx::st_shared_zero16(v_tile + swizzle(valid_keys + c / Cfg::kChunks, c % Cfg::kChunks, Cfg::kKvRegion));
-          ptx::fence_proxy_async();
+        if (valid_keys < kKeys) {  // the block's last tile
+          zero_v_tail<Cfg>(v_tile, valid_keys, tid, Cfg::kThreads);
           __syncthreads();
         }
       } else
@@ -325,22 +532,9 @@ __global__ void __launch_bounds__(Cfg::kThreads) tree_attention_kernel(const __g
       float s[kMT][kKeyTiles][4];
       if constexpr (kWgmma) {  // S = Q K^T by the warpgroup, both operands from shared memory
 #ifdef JETSPEC_WGMMA
-        // The first product overwrites S: zeroing it first would be register writes that ptxas makes wait
-        // for the warpgroup's products in flight.
         ptx::wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < D / 16; ++kk) {
-          const uint32_t k_off = (kk >> 2) * Cfg::kKvRegion + (kk & 3) * 32;
-          const uint64_t kd = ptx::desc_advance(k_desc, (it % kStages) * Cfg::kKvBytes + k_off);
-#pragma unroll
-          for (int mt = 0; mt < kMT; ++mt) {
-            const uint32_t q_off = (kk >> 2) * Cfg::kQRegion + tile_row<Cfg>(0, mt) * 128 + (kk & 3) * 32;
-            ptx::wgmma_ss<kKeys, std::is_same_v<T, __nv_bfloat16>>(reinterpret_cast<float(&)[kKeys / 2]>(s[mt]),
-                                                                   ptx::desc_advance(q_desc, q_off), kd, kk > 0);
-          }
-        }
-        ptx::wgmma_commit();
-        ptx::wgmma_wait_all();
+        issue_qk<T, Cfg>(s, q_desc, ptx::desc_advance(k_desc, (it % kStages) * Cfg::kKvBytes));
+        ptx::wgmma_wait<0>();
 #endif
       } else {
 #pragma unroll
@@ -367,79 +561,16 @@ __global__ void __launch_bounds__(Cfg::kThreads) tree_attention_kernel(const __g
         }
       }
 
-      if (t * kKeys + kKeys > prefix) {  // the tile reaches the tree block
-#pragma unroll
-        for (int mt = 0; mt < kMT; ++mt)
-#pragma unroll
-          for (int hf = 0; hf < 2; ++hf) {
-            const int row = min(row0 + tile_row<Cfg>(warp, mt) + (lane >> 2) + 8 * hf, rows - 1);
-            const int node = row / p.group;
-            const int32_t* words = a.ancestors + (static_cast<int64_t>(b) * a.nodes + node) * a.words;
-            const uint64_t bits = visible_bits(words, a.words, node, t * kKeys - prefix) >> (2 * (lane & 3));
-#pragma unroll
-            for (int n = 0; n < kKeyTiles; ++n)
-#pragma unroll
-              for (int e = 0; e < 2; ++e)
-                if (!((bits >> (8 * n + e)) & 1)) s[mt][n][2 * hf + e] = -INFINITY;
-          }
-      }
-
+      if (t * kKeys + kKeys > sp.prefix) mask_tree_keys<Cfg>(s, p, sp, t, warp, lane);
       float correction[kMT][2];
-      bool grew = false;
-#pragma unroll
-      for (int mt = 0; mt < kMT; ++mt)
-#pragma unroll
-        for (int hf = 0; hf < 2; ++hf) {
-          float mx = fmaxf(m[mt][hf], row_reduce(s[mt], hf, [](float x, float y) { return fmaxf(x, y); }));
-          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-          mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-          // A row with no visible key yet keeps max -inf; exponentiate against 0 so that it stays 0, not NaN.
-          const float base = mx == -INFINITY ? 0.f : mx * scale_log2;
-          correction[mt][hf] = mx == m[mt][hf] ? 1.f : exp2f(fmaf(m[mt][hf], scale_log2, -base));
-          grew |= mx != m[mt][hf];
-          m[mt][hf] = mx;
-#pragma unroll
-          for (int n = 0; n < kKeyTiles; ++n)
-#pragma unroll
-            for (int e = 0; e < 2; ++e) s[mt][n][2 * hf + e] = exp2f(fmaf(s[mt][n][2 * hf + e], scale_log2, -base));
-          const float sum = row_reduce(s[mt], hf, [](float x, float y) { return x + y; });
-          l[mt][hf] = fmaf(l[mt][hf], correction[mt][hf], sum);
-        }
-      // Past the first tiles a row's max rarely grows: skip the O rescale when no row of the warp's grew.
-      if (__any_sync(0xffffffffu, grew)) {
-#pragma unroll
-        for (int mt = 0; mt < kMT; ++mt)
-#pragma unroll
-          for (int n = 0; n < kDimTiles; ++n) {
-            o[mt][n][0] *= correction[mt][0];
-            o[mt][n][1] *= correction[mt][0];
-            o[mt][n][2] *= correction[mt][1];
-            o[mt][n][3] *= correction[mt][1];
-          }
-      }
-
-      uint32_t pa[kKeys / 16][kMT][4];  // the S accumulator layout is the A-fragment layout of P V
-#pragma unroll
-      for (int kk = 0; kk < kKeys / 16; ++kk)
-#pragma unroll
-        for (int mt = 0; mt < kMT; ++mt) {
-          pa[kk][mt][0] = pack2<T>(s[mt][2 * kk][0], s[mt][2 * kk][1]);
-          pa[kk][mt][1] = pack2<T>(s[mt][2 * kk][2], s[mt][2 * kk][3]);
-          pa[kk][mt][2] = pack2<T>(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
-          pa[kk][mt][3] = pack2<T>(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
-        }
-      if constexpr (kWgmma) {  // O += P V: P from registers, V MN-major in shared memory
+      if (online_softmax(s, s, m, l, correction, scale_log2)) rescale(o, correction);
+      uint32_t pa[kKeys / 16][kMT][4];
+      pack_p<T>(s, pa);
+      if constexpr (kWgmma) {
 #ifdef JETSPEC_WGMMA
         ptx::wgmma_fence();
-#pragma unroll
-        for (int kk = 0; kk < kKeys / 16; ++kk) {
-          const uint64_t vd = ptx::desc_advance(v_desc, (it % kStages) * Cfg::kKvBytes + kk * 16 * 128);
-#pragma unroll
-          for (int mt = 0; mt < kMT; ++mt)
-            ptx::wgmma_rs<D, std::is_same_v<T, __nv_bfloat16>>(reinterpret_cast<float(&)[D / 2]>(o[mt]), pa[kk][mt], vd);
-        }
-        ptx::wgmma_commit();
-        ptx::wgmma_wait_all();
+        issue_pv<T, Cfg>(o, pa, ptx::desc_advance(v_desc, (it % kStages) * Cfg::kKvBytes));
+        ptx::wgmma_wait<0>();
 #endif
       } else {
 #pragma unroll
@@ -457,34 +588,130 @@ __global__ void __launch_bounds__(Cfg::kThreads) tree_attention_kernel(const __g
       }
     }
   }
+  store_rows<T, Cfg>(p, sp, o, m, l, scale_log2, warp, lane);
+}
 
-  // Epilogue: every valid row is written, also by a split that got no keys (its partial is empty).
-#pragma unroll
-  for (int mt = 0; mt < kMT; ++mt)
-#pragma unroll
-    for (int hf = 0; hf < 2; ++hf) {
-      float sum = l[mt][hf];
-      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-      const int row = row0 + tile_row<Cfg>(warp, mt) + (lane >> 2) + 8 * hf;
-      if (row >= rows) continue;
-      const float inv = sum > 0.f ? 1.f / sum : 0.f;  // no visible key: output 0
-      const int node = row / p.group, head = h * p.group + (row - node * p.group);
-      const int col = 2 * (lane & 3);
-      if (p.splits == 1) {
-        T* dst = static_cast<T*>(a.out) + b * a.o_batch_stride + node * a.o_node_stride + head * a.o_head_stride + col;
-#pragma unroll
-        for (int n = 0; n < kDimTiles; ++n)
-          *reinterpret_cast<uint32_t*>(dst + 8 * n) = pack2<T>(o[mt][n][2 * hf] * inv, o[mt][n][2 * hf + 1] * inv);
-      } else {
-        const int64_t prow = (static_cast<int64_t>(split * a.batch + b) * a.nodes + node) * a.q_heads + head;
-        float* dst = p.part_o + prow * D + col;
-#pragma unroll
-        for (int n = 0; n < kDimTiles; ++n)
-          *reinterpret_cast<float2*>(dst + 8 * n) = make_float2(o[mt][n][2 * hf] * inv, o[mt][n][2 * hf + 1] * inv);
-        if ((lane & 3) == 0) p.part_lse[prow] = sum > 0.f ? fmaf(m[mt][hf], scale_log2, log2f(sum)) : -INFINITY;
-      }
+// The warp-specialised 128-row block (sm_90a): warps 8-11 are a producer warpgroup whose one thread keeps
+// the K/V ring full with tensor copies, gated per stage by an mbarrier the consumers arrive on once done
+// with it (no block-wide barrier per tile). Warps 0-7 are two warpgroups of 64 rows each. They take turns at the
+// tensor cores (named barriers 1 and 2: a warpgroup issues its products only after the other has issued
+// its own), and each overlaps itself: it issues S = Q K^T of tile i together with O += P V of tile i - 1,
+// then computes tile i's softmax while both run. P and O are touched only once both are complete (ptxas
+// serialises every wgmma of the kernel if an operand or accumulator is written while in flight).
+template <typename T, typename Cfg>
+__global__ void __launch_bounds__(Cfg::kLaunchThreads, 1) tree_attention_specialised_kernel(const __grid_constant__ Params p) {
+#ifdef JETSPEC_WGMMA
+  constexpr int D = Cfg::kHeadDim, kKeys = Cfg::kKeys, kStages = Cfg::kStages;
+  constexpr int kKeyTiles = kKeys / 8, kDimTiles = D / 8;
+  static_assert(Cfg::kSpecialised && Cfg::kWarps == 8 && Cfg::kMTiles == 1, "two warpgroups of one m-tile each");
+  extern __shared__ __align__(1024) unsigned char smem[];
+  const uint32_t s_q = smem_addr(smem);
+  const uint32_t s_k = s_q + Cfg::kRows * Cfg::kRowBytes;
+  const uint32_t s_v = s_k + kStages * Cfg::kKvBytes;
+  const uint32_t s_full = s_v + kStages * Cfg::kKvBytes, s_empty = s_full + 8 * kStages;
+  const uint32_t s_pin = s_empty + 8 * kStages;  // a word per consumer warp (see the key loop)
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const BlockSpan sp = block_span<Cfg>(p);
+  const int tiles = max(sp.tile_end - sp.tile_begin, 0);
+  if (tid == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      ptx::mbarrier_init(s_full + 8 * s, 1);
+      ptx::mbarrier_init(s_empty + 8 * s, Cfg::kWarps);
     }
+    ptx::fence_mbarrier_init();
+  }
+  __syncthreads();
+  // 168 registers a thread at launch (384 threads): the producer warpgroup needs few and gives the rest
+  // to the consumers, which hold O (64), S (64) and P (32) and the softmax's temporaries.
+  if (warp >= Cfg::kWarps) {
+    ptx::setmaxnreg_dec<40>();
+    if (warp == Cfg::kWarps && lane == 0)
+      for (int it = 0; it < tiles; ++it) {
+        const int stage = it % kStages;
+        if (it >= kStages) ptx::mbarrier_wait(s_empty + 8 * stage, (it / kStages + 1) & 1);
+        copy_kv_tile<Cfg>(p, sp, s_k, s_v, s_full + 8 * stage, sp.tile_begin + it, stage);
+      }
+    return;
+  }
+
+  ptx::setmaxnreg_inc<232>();
+  const float scale_log2 = p.a.scale * kLog2e;
+  const int wg = warp / 4;
+  float o[1][kDimTiles][4];
+  float m[1][2] = {{-INFINITY, -INFINITY}}, l[1][2] = {{0.f, 0.f}};
+#pragma unroll
+  for (int n = 0; n < kDimTiles; ++n) o[0][n][0] = o[0][n][1] = o[0][n][2] = o[0][n][3] = 0.f;
+
+  if (tiles > 0) {
+    load_q<T, Cfg, 64, 128>(p, sp, s_q, 64 * wg, tid % 128);
+    cp_async_wait<0>();
+    ptx::fence_proxy_async();
+    ptx::named_barrier_sync(3 + wg, 128);
+    const uint64_t q_desc = ptx::smem_desc(s_q + 64 * wg * 128, 16, 1024), k_desc = ptx::smem_desc(s_k, 16, 1024),
+                   v_desc = ptx::smem_desc(s_v, Cfg::kKvRegion, 1024);
+    // Barrier ids as immediates: held in a register, the id was spilled.
+    auto take_turn = [&] { if (wg == 0) ptx::named_barrier_sync(1, 2 * 128); else ptx::named_barrier_sync(2, 2 * 128); };
+    auto pass_turn = [&] { if (wg == 0) ptx::named_barrier_arrive(2, 2 * 128); else ptx::named_barrier_arrive(1, 2 * 128); };
+    // Waits for tile `it` and returns its stage's byte offset in the K and V rings.
+    auto arrived = [&](int it) -> uint32_t {
+      const int stage = it % kStages;
+      ptx::mbarrier_wait(s_full + 8 * stage, (it / kStages) & 1);
+      const int valid_keys = sp.key_end - (sp.tile_begin + it) * kKeys;
+      if (valid_keys < kKeys) {  // the block's last tile
+        zero_v_tail<Cfg>(s_v + stage * Cfg::kKvBytes, valid_keys, tid, Cfg::kThreads);
+        ptx::named_barrier_sync(5, Cfg::kThreads);
+      }
+      return stage * Cfg::kKvBytes;
+    };
+    // The exponentials go to registers of their own: written in place, into S, ptxas would first wait for
+    // every product in flight (P V included), as it does for any write to an accumulator of one.
+    float s[1][kKeyTiles][4], e[1][kKeyTiles][4], correction[1][2];
+    uint32_t pa[kKeys / 16][1][4];
+    // Tile i's scores, once its S = Q K^T is complete: masked, exponentiated; whether O needs a rescale.
+    auto softmax = [&](int it) {
+      const int t = sp.tile_begin + it;
+      if (t * kKeys + kKeys > sp.prefix) mask_tree_keys<Cfg>(s, p, sp, t, warp, lane);
+      return online_softmax(s, e, m, l, correction, scale_log2);
+    };
+
+    if (wg == 1) pass_turn();  // warpgroup 0 goes first
+    uint32_t stage_off = arrived(0);
+    take_turn();
+    ptx::wgmma_fence();
+    issue_qk<T, Cfg>(s, q_desc, ptx::desc_advance(k_desc, stage_off));
+    pass_turn();
+    ptx::wgmma_wait<0>();
+    softmax(0);  // O is still 0: no rescale
+    pack_p<T>(e, pa);
+    for (int it = 1; it < tiles; ++it) {
+      const uint32_t prev_off = stage_off;
+      stage_off = arrived(it);
+      take_turn();
+      ptx::wgmma_fence();
+      issue_qk<T, Cfg>(s, q_desc, ptx::desc_advance(k_desc, stage_off));
+      ptx::wgmma_fence();
+      issue_pv<T, Cfg>(o, pa, ptx::desc_advance(v_desc, prev_off));
+      pass_turn();
+      ptx::wgmma_wait<1>();  // S of tile it
+      const bool moved = softmax(it);
+      // ptxas moves a wgmma wait ahead of register arithmetic (the exponentials would then wait for P V
+      // instead of running under it) but not ahead of a shared-memory access: storing a value computed
+      // from every exponential (this warp's row sum, to a slot of its own) keeps the softmax before it.
+      if (lane == 0) ptx::st_shared_f32(s_pin + 4 * warp, l[0][0] + l[0][1]);
+      ptx::wgmma_wait<0>();  // P V of tile it - 1: its stage is free
+      if (lane == 0) ptx::mbarrier_arrive(s_empty + 8 * ((it - 1) % kStages));
+      if (moved) rescale(o, correction);
+      pack_p<T>(e, pa);
+    }
+    take_turn();
+    ptx::wgmma_fence();
+    issue_pv<T, Cfg>(o, pa, ptx::desc_advance(v_desc, stage_off));
+    if (wg == 0) pass_turn();  // warpgroup 1 takes no further turn
+    ptx::wgmma_wait<0>();
+  }
+  store_rows<T, Cfg>(p, sp, o, m, l, scale_log2, warp, lane);
+#endif
 }
 
 // Merges the splits' partials of one output row per D / 4 threads (4 dims each).
@@ -521,6 +748,20 @@ template <typename T, typename Cfg>
 struct Kernel {
   using Elem = T;
   using Config = Cfg;
+  // What runs when the copy engine cannot read the cache views: the specialised block has no other
+  // way to fill its ring, so the single-warpgroup wgmma block (with cp.async) takes its place.
+  using Fallback = Kernel<T, std::conditional_t<Cfg::kSpecialised, LargeWgmmaTile<Cfg::kHeadDim>, Cfg>>;
+  static constexpr auto entry() {
+    if constexpr (Cfg::kSpecialised) return &tree_attention_specialised_kernel<T, Cfg>;
+    else return &tree_attention_kernel<T, Cfg>;
+  }
+  // Lets the kernel have its dynamic shared memory (above the 48 KB default).
+  static cudaError_t allow_smem() {
+    return cudaFuncSetAttribute(entry(), cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmem);
+  }
+  static void launch(const Params& p, dim3 grid, cudaStream_t stream) {
+    entry()<<<grid, Cfg::kLaunchThreads, Cfg::kSmem, stream>>>(p);
+  }
 };
 
 // Calls f(Kernel<element type, tile>{}) for the call's dtype, head_dim and tile kind.
@@ -529,7 +770,7 @@ cudaError_t with_tile(int kind, F& f) {
   switch (kind) {
     case kSmall: return f(Kernel<T, SmallTile<D>>{});
     case kMedium: return f(Kernel<T, MediumTile<D>>{});
-    case kLargeWgmma: return f(Kernel<T, LargeWgmmaTile<D>>{});
+    case kLargeSpecialised: return f(Kernel<T, LargeSpecialisedTile<D>>{});
     default: return f(Kernel<T, LargeTile<D>>{});
   }
 }
@@ -584,10 +825,11 @@ cudaError_t tree_attention_plan(const TreeAttentionArgs& a, TreeAttentionPlan* p
   return with_kernel(a, kind, [&](auto k) -> cudaError_t {
     using K = decltype(k);
     using Cfg = typename K::Config;
-    auto* fn = tree_attention_kernel<typename K::Elem, Cfg>;
     int per_sm = 0;
-    err = cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, Cfg::kSmem);
-    if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, fn, Cfg::kThreads, Cfg::kSmem);
+    err = K::allow_smem();
+    if (err == cudaSuccess) err = K::Fallback::allow_smem();
+    if (err == cudaSuccess)
+      err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, K::entry(), Cfg::kLaunchThreads, Cfg::kSmem);
     if (err != cudaSuccess) return err;
     const int64_t blocks = static_cast<int64_t>(a.batch) * a.kv_heads * plan->row_tiles;
     const int64_t slots = static_cast<int64_t>(sms) * (per_sm > 0 ? per_sm : 1);
@@ -653,7 +895,10 @@ cudaError_t tree_attention(const TreeAttentionArgs& a, const TreeAttentionPlan& 
     }
     const dim3 grid(static_cast<unsigned>(plan.row_tiles * plan.splits), static_cast<unsigned>(a.kv_heads),
                     static_cast<unsigned>(a.batch));
-    tree_attention_kernel<T, Cfg><<<grid, Cfg::kThreads, Cfg::kSmem, stream>>>(p);
+    if (Cfg::kSpecialised && !p.tensor_copies)
+      K::Fallback::launch(p, grid, stream);
+    else
+      K::launch(p, grid, stream);
     if (plan.splits > 1) {
       constexpr int kRowsPerBlock = 128 / (Cfg::kHeadDim / 4);
       const int64_t rows = static_cast<int64_t>(a.batch) * a.nodes * a.q_heads;

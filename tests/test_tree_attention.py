@@ -241,6 +241,17 @@ def test_cuda_head_dims_groups_dtypes(dim, group, dtype, gen):
 
 
 @requires_cuda
+@pytest.mark.parametrize("nodes,group", [(16, 4), (64, 4), (255, 1)])
+def test_cuda_without_the_copy_engine(nodes, group, gen, monkeypatch):
+    """The cp.async copies the warpgroup blocks fall back to where the driver cannot describe a cache view."""
+    monkeypatch.setenv("JETSPEC_TREE_ATTENTION_TMA", "0")
+    query, key_cache, value_cache, prefix_len, ancestors, _ = make_case(
+        2, nodes, [1000, 37], 2 * group, 2, 128, torch.bfloat16, "cuda", gen)
+    want = reference.tree_attention(query, key_cache, value_cache, prefix_len, ancestors, 128 ** -0.5)
+    assert_close_rows(run_op(query, key_cache, value_cache, prefix_len, ancestors), want, torch.bfloat16)
+
+
+@requires_cuda
 def test_cuda_strided_output(gen):
     query, key_cache, value_cache, prefix_len, ancestors, _ = make_case(
         2, 20, [300, 5], 8, 2, 128, torch.bfloat16, "cuda", gen)
