@@ -249,14 +249,13 @@ __device__ __forceinline__ void mask_tree_keys(float (&s)[Cfg::kMTiles][kKeyTile
 // increase. The result is the same softmax: every exponential and the final sum share one base.
 constexpr float kStaleLog2 = 8.f;
 
-// One tile of the online softmax (base 2, the scale, positive, folded into the exponent): e gets the
-// exponentials of the scores s against the running max m (e may be s itself), l the running sum.
+// One tile of the online softmax (base 2, the scale, positive, folded into the exponent): s becomes the
+// exponentials of the scores against the running max m, l the running sum.
 // Returns whether the max of any row of the warp moved, in which case O must be multiplied by
 // `correction` before the tile's P V is added.
 template <int kMT, int kKeyTiles>
-__device__ __forceinline__ bool online_softmax(const float (&s)[kMT][kKeyTiles][4], float (&e)[kMT][kKeyTiles][4],
-                                               float (&m)[kMT][2], float (&l)[kMT][2], float (&correction)[kMT][2],
-                                               float scale_log2) {
+__device__ __forceinline__ bool online_softmax(float (&s)[kMT][kKeyTiles][4], float (&m)[kMT][2], float (&l)[kMT][2],
+                                               float (&correction)[kMT][2], float scale_log2) {
   bool moved = false;
 #pragma unroll
   for (int mt = 0; mt < kMT; ++mt)
@@ -275,8 +274,8 @@ __device__ __forceinline__ bool online_softmax(const float (&s)[kMT][kKeyTiles][
 #pragma unroll
       for (int n = 0; n < kKeyTiles; ++n)
 #pragma unroll
-        for (int i = 0; i < 2; ++i) e[mt][n][2 * hf + i] = exp2f(fmaf(s[mt][n][2 * hf + i], scale_log2, -base));
-      const float sum = row_reduce<0, kKeyTiles>(e[mt], hf, [](float x, float y) { return x + y; });
+        for (int i = 0; i < 2; ++i) s[mt][n][2 * hf + i] = exp2f(fmaf(s[mt][n][2 * hf + i], scale_log2, -base));
+      const float sum = row_reduce<0, kKeyTiles>(s[mt], hf, [](float x, float y) { return x + y; });
       l[mt][hf] = fmaf(l[mt][hf], correction[mt][hf], sum);
     }
   return __any_sync(0xffffffffu, moved);
@@ -563,7 +562,7 @@ __global__ void __launch_bounds__(Cfg::kThreads) tree_attention_kernel(const __g
 
       if (t * kKeys + kKeys > sp.prefix) mask_tree_keys<Cfg>(s, p, sp, t, warp, lane);
       float correction[kMT][2];
-      if (online_softmax(s, s, m, l, correction, scale_log2)) rescale(o, correction);
+      if (online_softmax(s, m, l, correction, scale_log2)) rescale(o, correction);
       uint32_t pa[kKeys / 16][kMT][4];
       pack_p<T>(s, pa);
       if constexpr (kWgmma) {
@@ -664,15 +663,13 @@ __global__ void __launch_bounds__(Cfg::kLaunchThreads, 1) tree_attention_special
       }
       return stage * Cfg::kKvBytes;
     };
-    // The exponentials go to registers of their own: written in place, into S, ptxas would first wait for
-    // every product in flight (P V included), as it does for any write to an accumulator of one.
-    float s[1][kKeyTiles][4], e[1][kKeyTiles][4], correction[1][2];
+    float s[1][kKeyTiles][4], correction[1][2];
     uint32_t pa[kKeys / 16][1][4];
     // Tile i's scores, once its S = Q K^T is complete: masked, exponentiated; whether O needs a rescale.
     auto softmax = [&](int it) {
       const int t = sp.tile_begin + it;
       if (t * kKeys + kKeys > sp.prefix) mask_tree_keys<Cfg>(s, p, sp, t, warp, lane);
-      return online_softmax(s, e, m, l, correction, scale_log2);
+      return online_softmax(s, m, l, correction, scale_log2);
     };
 
     if (wg == 1) pass_turn();  // warpgroup 0 goes first
@@ -683,14 +680,13 @@ __global__ void __launch_bounds__(Cfg::kLaunchThreads, 1) tree_attention_special
     pass_turn();
     ptx::wgmma_wait<0>();
     softmax(0);  // O is still 0: no rescale
-    pack_p<T>(e, pa);
+    pack_p<T>(s, pa);
     for (int it = 1; it < tiles; ++it) {
       const uint32_t prev_off = stage_off;
       stage_off = arrived(it);
       take_turn();
       ptx::wgmma_fence();
       issue_qk<T, Cfg>(s, q_desc, ptx::desc_advance(k_desc, stage_off));
-      ptx::wgmma_fence();
       issue_pv<T, Cfg>(o, pa, ptx::desc_advance(v_desc, prev_off));
       pass_turn();
       ptx::wgmma_wait<1>();  // S of tile it
@@ -702,7 +698,7 @@ __global__ void __launch_bounds__(Cfg::kLaunchThreads, 1) tree_attention_special
       ptx::wgmma_wait<0>();  // P V of tile it - 1: its stage is free
       if (lane == 0) ptx::mbarrier_arrive(s_empty + 8 * ((it - 1) % kStages));
       if (moved) rescale(o, correction);
-      pack_p<T>(e, pa);
+      pack_p<T>(s, pa);
     }
     take_turn();
     ptx::wgmma_fence();
