@@ -48,6 +48,7 @@
 // ancestor words: it walks its parent chain (at most D + 1 nodes, indices decreasing), ORs the bits
 // of each 32-node word in a register and stores each non-zero word once.
 #include "build_tree.cuh"
+#include "ptx.cuh"
 
 namespace jetspec::cuda {
 namespace {
@@ -291,7 +292,7 @@ __device__ __forceinline__ int shared_fetch_add(int* address, int v) {
 // compute-sanitizer's racecheck reports hazards between accesses that later __syncthreads() separate in
 // kernels with such counted barriers, a race-free 20-line kernel included
 // (bench/results/h100/build_tree_threshold/named_barrier_repro.cu); synccheck and memcheck are clean.
-__device__ __forceinline__ void group_sync() { asm volatile("bar.sync 1, %0;" ::"n"(kGroup) : "memory"); }
+__device__ __forceinline__ void group_sync() { ptx::named_barrier_sync(1, kGroup); }
 
 __device__ __forceinline__ bool group_sync_or(bool v) {
   uint32_t any;

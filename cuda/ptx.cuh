@@ -1,6 +1,7 @@
-// PTX wrappers the tensor-core kernels share (draft_topk, tree_attention): shared-memory addresses,
-// cp.async group waits, ldmatrix, the m16n8k16 MMA with fp32 accumulation and, on sm_90a, the
-// warpgroup MMA (wgmma) with its shared-memory descriptors and fences.
+// PTX wrappers the kernels share (draft_topk, tree_attention; build_tree's named barrier):
+// shared-memory addresses and stores, named barriers, cp.async group waits, ldmatrix, the m16n8k16 MMA
+// with fp32 accumulation and, on sm_90a, the warpgroup MMA (wgmma) with its shared-memory descriptors
+// and fences, mbarriers and tensor copies (TMA).
 #pragma once
 
 #include <cstdint>

@@ -823,7 +823,7 @@ cudaError_t tree_attention_plan(const TreeAttentionArgs& a, TreeAttentionPlan* p
     using Cfg = typename K::Config;
     int per_sm = 0;
     err = K::allow_smem();
-    if (err == cudaSuccess) err = K::Fallback::allow_smem();
+    if (Cfg::kSpecialised && err == cudaSuccess) err = K::Fallback::allow_smem();  // else the same kernel
     if (err == cudaSuccess)
       err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, K::entry(), Cfg::kLaunchThreads, Cfg::kSmem);
     if (err != cudaSuccess) return err;
