@@ -28,11 +28,11 @@ import torch
 from tqdm.auto import tqdm
 
 from jetspec import SpeculativeGenerator, load_head
-from jetspec.acceptance import replay_acceptance
+from jetspec.training import replay_acceptance
 from jetspec.cli import _encode, _load_target
-from jetspec.datasets import load_benchmark
-from jetspec.spec import stop_tokens
-from jetspec.train import self_distill
+from jetspec.assets.datasets import load_benchmark
+from jetspec.runtime import stop_tokens
+from jetspec.training import self_distill
 
 BENCHMARKS = ["mt-bench", "humaneval", "gsm8k", "math-500", "aime25"]
 

@@ -21,7 +21,7 @@ import time
 import torch
 
 import jetspec  # noqa: F401  (registers the ops)
-from jetspec.tree import words_for
+from jetspec.ops.tree import words_for
 
 from .harness import Ceilings, Timer
 

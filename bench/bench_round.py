@@ -34,9 +34,9 @@ import warnings
 import torch
 
 from jetspec import SpeculativeGenerator
-from jetspec.device_round import DeviceRound
-from jetspec.drafter import HeadDrafter, OracleDrafter
-from jetspec.target import Target
+from jetspec.runtime import DeviceRound
+from jetspec.runtime import HeadDrafter, OracleDrafter
+from jetspec.runtime import Target
 
 from .bench_e2e import PROMPT, random_pair, timed_hf_generate
 from .harness import Ceilings, Timer

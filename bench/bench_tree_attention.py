@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 import jetspec  # noqa: F401  (registers the ops)
-from jetspec.tree import ancestor_mask, build_tree
+from jetspec.ops import build_tree
+from jetspec.ops.tree import ancestor_mask
 
 from .harness import Ceilings, Timer
 

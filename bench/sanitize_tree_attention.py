@@ -21,8 +21,8 @@ import sys
 import torch
 
 import jetspec  # noqa: F401  (registers the ops)
-from jetspec import reference
-from jetspec.tree import build_tree
+from jetspec.ops import reference
+from jetspec.ops import build_tree
 
 # (nodes, prefix_len per sequence, kv heads, query heads per kv head, head_dim, dtype, max_prefix)
 SHAPES = [

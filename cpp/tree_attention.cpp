@@ -31,7 +31,9 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <iterator>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -39,6 +41,7 @@
 
 #include "checks.h"
 #include "cuda_glue.h"
+#include "op_limits.h"
 #ifdef JETSPEC_WITH_CUDA
 #include "tree_attention.cuh"
 #endif
@@ -47,7 +50,7 @@ namespace jetspec {
 namespace {
 
 constexpr const char* kOp = "tree_attention";
-constexpr int64_t kMaxNodes = 1024;
+constexpr int64_t kMaxNodes = limits::kTreeAttentionMaxNodes;
 
 int64_t words_for(int64_t nodes) { return (nodes + 31) / 32; }
 
@@ -61,7 +64,8 @@ void check_args(const at::Tensor& query, const at::Tensor& key_cache, const at::
   TORCH_CHECK_VALUE(1 <= nodes && nodes <= kMaxNodes,
                     message(kOp, "'query' must hold 1 to ", kMaxNodes, " tree nodes in dim 1, got shape ",
                             query.sizes()));
-  TORCH_CHECK_VALUE(dim == 64 || dim == 128,
+  TORCH_CHECK_VALUE(std::find(std::begin(limits::kTreeAttentionHeadDims), std::end(limits::kTreeAttentionHeadDims),
+                              dim) != std::end(limits::kTreeAttentionHeadDims),
                     message(kOp, "head_dim (the last size of 'query') must be 64 or 128, got ", dim));
   const std::pair<const at::Tensor*, const char*> caches[] = {{&key_cache, "key_cache"},
                                                               {&value_cache, "value_cache"}};

@@ -1,4 +1,4 @@
-"""The CUDA build_tree kernel against the CPU reference (the float64 heap of jetspec.tree), output for
+"""The CUDA build_tree kernel against the CPU reference (the float64 heap of jetspec.ops.reference), output for
 output and bit for bit, on thousands of random candidate sets with forced score ties; strided
 inputs and outputs, argument checks, opcheck and CUDA-graph capture."""
 
@@ -13,7 +13,8 @@ import torch
 
 import jetspec
 from conftest import requires_cuda
-from jetspec.tree import Tree, build_tree, words_for
+from jetspec.ops import Tree, build_tree
+from jetspec.ops.tree import words_for
 
 pytestmark = requires_cuda
 
@@ -261,7 +262,7 @@ def test_outputs_on_another_device_are_rejected(index, name):
 
 
 def test_wrapper_runs_the_cuda_kernel():
-    """jetspec.tree.build_tree keeps everything on the GPU (no fallback warning, no host copy)."""
+    """jetspec.ops.build_tree keeps everything on the GPU (no fallback warning, no host copy)."""
     args = good_inputs(batch=3, depth=5, width=4)
     assert jetspec.ops.use_kernel("build_tree", torch.device("cuda"))
     with warnings.catch_warnings(record=True) as caught:

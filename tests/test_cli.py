@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from jetspec import load_head
 from jetspec.cli import main
-from jetspec.tiny import write_tiny_model
+from jetspec.assets.tiny import write_tiny_model
 
 
 @pytest.fixture(scope="module")

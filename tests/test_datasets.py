@@ -16,9 +16,9 @@ from collections import Counter
 
 import pytest
 
-from jetspec import datasets as ds
-from jetspec.datasets import BENCHMARKS, Prompt, load_benchmark, load_sharegpt_prompts, split_sharegpt
-from jetspec.wheels import cache_root
+from jetspec.assets import datasets as ds
+from jetspec.assets.datasets import BENCHMARKS, Prompt, load_benchmark, load_sharegpt_prompts, split_sharegpt
+from jetspec.assets.wheels import cache_root
 
 COUNTS = {"mt-bench": 80, "humaneval": 164, "gsm8k": 1319, "math-500": 311, "aime25": 30}
 SHAREGPT_PROMPTS = 11_137  # first turns of the conversations that start with a non-empty human turn

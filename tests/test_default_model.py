@@ -14,12 +14,12 @@ import pytest
 import torch
 
 import jetspec
-from jetspec import default_model as dm
-from jetspec.acceptance import replay_acceptance
+from jetspec.assets import default_model as dm
+from jetspec.training import replay_acceptance
 from jetspec.cli import _encode, main
-from jetspec.datasets import load_benchmark
+from jetspec.assets.datasets import load_benchmark
 from jetspec.heads import check_head_fits_target
-from jetspec.train import self_distill
+from jetspec.training import self_distill
 
 CHATML_TURN = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
 

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import jetspec
-from jetspec.device_round import ROUND_PHASES, DeviceRound
-from jetspec.drafter import Drafter, HeadDrafter, OracleDrafter
-from jetspec.target import Target
-from jetspec.tree import build_tree
+from jetspec.runtime import ROUND_PHASES, DeviceRound
+from jetspec.runtime import Drafter, HeadDrafter, OracleDrafter
+from jetspec.runtime import Target
+from jetspec.ops import build_tree
 
 from conftest import HAS_CUDA, requires_cuda
 from test_spec import greedy_sequence, hf_greedy, mid_round_eos, random_head, random_prompt

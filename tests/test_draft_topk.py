@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import jetspec
-from jetspec import reference
-from jetspec._ext import has_kernel
+from jetspec.ops import reference
+from jetspec.ops import has_kernel
 from conftest import DEVICES, requires_cuda
 
 

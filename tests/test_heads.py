@@ -15,10 +15,10 @@ from safetensors.torch import save_file
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 import jetspec
-from jetspec.drafter import HeadDrafter
+from jetspec.runtime import HeadDrafter
 from jetspec.heads import (CheckpointError, DraftHead, HeadSpec, build_target_layer_ids, check_head_fits_target,
                            head_config_for, load_head, save_head)
-from jetspec.target import Target
+from jetspec.runtime import Target
 
 # The hand-written head's geometry: h_q * d (64) != H (32), so a transposed projection cannot load.
 H, I, N_LAYERS, HQ, HKV, D, BLOCK, VOCAB = 32, 48, 2, 4, 2, 16, 4, 64

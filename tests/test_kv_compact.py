@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import jetspec
-from jetspec import reference
+from jetspec.ops import reference
 from conftest import requires_cuda
 from trees import random_path
 

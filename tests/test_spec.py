@@ -12,7 +12,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 import jetspec
-from jetspec.drafter import Drafter
+from jetspec.runtime import Drafter
 from jetspec.heads import DraftHead, head_config_for
 
 # ---------------------------------------------------------------------------------------------

@@ -13,8 +13,9 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 import jetspec
 from jetspec import ops
 from jetspec.heads import DraftHead, head_config_for
-from jetspec.target import Target
-from jetspec.tree import ancestor_mask, build_tree
+from jetspec.runtime import Target
+from jetspec.ops import build_tree
+from jetspec.ops.tree import ancestor_mask
 
 from conftest import DEVICES
 

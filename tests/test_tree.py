@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import jetspec
-from jetspec.tree import ancestor_mask, build_tree, pack_mask, words_for
+from jetspec.ops import build_tree
+from jetspec.ops.tree import ancestor_mask, pack_mask, words_for
 
 
 # ---------------------------------------------------------------------------------------------
@@ -325,7 +326,7 @@ def test_output_device_and_dtypes(device, gen):
     for name, t in zip(tree._fields, tree):
         assert t.device.type == device.type, name
         assert t.dtype == (torch.int32 if name == "ancestors" else torch.long), name
-    check_tree(jetspec.tree.Tree(*(t.cpu() for t in tree)), 0, lp, ids, 9, 1, 2)
+    check_tree(jetspec.ops.Tree(*(t.cpu() for t in tree)), 0, lp, ids, 9, 1, 2)
 
 
 # ---------------------------------------------------------------------------------------------

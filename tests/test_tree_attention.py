@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 
 import jetspec
-from jetspec import reference
-from jetspec.tree import build_tree, pack_mask
+from jetspec.ops import reference
+from jetspec.ops import build_tree
+from jetspec.ops.tree import pack_mask
 from conftest import requires_cuda
 from trees import random_deep_parents, random_parents, visible_from_parents
 

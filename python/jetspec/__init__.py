@@ -1,14 +1,14 @@
 """jetspec: lossless tree speculative decoding with a causal parallel draft head.
 
-The compiled ops live in ``torch.ops.jetspec`` (see :mod:`jetspec.ops` for typed
-wrappers); importing this package registers them.
+The compiled ops live in ``torch.ops.jetspec`` (see :mod:`jetspec.ops` for typed wrappers and
+references); importing this package registers them. The package stacks one way:
+``ops`` -> ``layers`` -> ``heads`` -> ``runtime`` -> ``training`` / ``assets`` -> ``cli``.
 """
 
-from ._ext import WITH_CUDA
-from . import ops, tree
-from .drafter import Drafter, HeadDrafter
+from . import ops
 from .heads import DraftHead, load_head, save_head
-from .spec import GenerationOutput, GenerationStats, SpeculativeGenerator
+from .ops import WITH_CUDA, tree
+from .runtime import Drafter, GenerationOutput, GenerationStats, HeadDrafter, SpeculativeGenerator
 
 __version__ = "0.1.0"
 __all__ = [

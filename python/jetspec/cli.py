@@ -14,7 +14,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     from jetspec import SpeculativeGenerator, load_head
 
-    from jetspec.default_model import DEFAULT_HEAD_DIR
+    from jetspec.assets.default_model import DEFAULT_HEAD_DIR
 
     head_dir = args.head
     if args.budget > 1 and head_dir is None:
@@ -48,9 +48,9 @@ def _train_head(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from jetspec.datasets import load_sharegpt_prompts, split_sharegpt
+    from jetspec.assets.datasets import load_sharegpt_prompts, split_sharegpt
     from jetspec.heads import DraftHead, head_config_for
-    from jetspec.train import (HeadTrainer, TrainConfig, evaluate_acceptance, load_sequences, save_sequences,
+    from jetspec.training import (HeadTrainer, TrainConfig, evaluate_acceptance, load_sequences, save_sequences,
                                self_distill)
 
     out = Path(args.out)
@@ -108,7 +108,7 @@ def _load_target(args: argparse.Namespace):
 
     folder = args.model
     if folder is None:
-        from jetspec.default_model import default_model_dir
+        from jetspec.assets.default_model import default_model_dir
 
         folder = str(default_model_dir())
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -135,7 +135,7 @@ def _mask_token_id(tokenizer, vocab_size: int) -> int:
 
 
 def _tiny_model(args: argparse.Namespace) -> int:
-    from jetspec.tiny import write_tiny_model
+    from jetspec.assets.tiny import write_tiny_model
 
     folder = write_tiny_model(args.folder)
     print(f"wrote a tiny random Qwen3 target to {folder} and its draft head to {folder / 'head'}")

@@ -20,9 +20,10 @@ from torch import Tensor, nn
 from transformers import Qwen3Config
 from transformers.models.qwen3.modeling_qwen3 import Qwen3MLP, Qwen3RMSNorm, Qwen3RotaryEmbedding
 
-from ..attention import TreeBatch, cached_tree_attention, sdpa
-from ..cache import KVCache
-from ..tree import pack_mask
+from ..layers.attention import DeviceBatch, attend
+from ..layers.cache import KVCache
+from ..ops.reference import masked_attention
+from ..ops.tree import pack_mask
 from .config import HeadSpec
 
 #: One layer's attention given its block queries and keys/values (see :meth:`HeadAttention.forward`).
@@ -147,10 +148,10 @@ class DraftHead(nn.Module):
         scale = self.spec.head_dim ** -0.5
 
         def after_context(k_ctx: Tensor, v_ctx: Tensor) -> Attend:
-            def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-                out = sdpa(q, torch.cat([k_ctx, k], dim=2), torch.cat([v_ctx, v], dim=2), mask, scale)
+            def over_context(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+                out = masked_attention(q, torch.cat([k_ctx, k], dim=2), torch.cat([v_ctx, v], dim=2), mask, scale)
                 return out.transpose(1, 2)
-            return attend
+            return over_context
 
         return self._layers(block, cos, sin, [after_context(k, v) for k, v in context])
 
@@ -167,15 +168,12 @@ class DraftHead(nn.Module):
             # The op takes masks that only look back, as packed bits: a causal block is a chain.
             self._block_masks = (visible, pack_mask(visible) if self.spec.causal else None)
         visible, ancestors = self._block_masks
-        batch = TreeBatch(cache=cache, start=None, visible=visible, ancestors=ancestors, prefix_len=prefix_len,
-                          slots=positions)
+        batch = DeviceBatch(cache=cache, prefix_len=prefix_len, visible=visible, ancestors=ancestors, slots=positions)
         cos, sin = self.rope(block, positions)
         scale = self.spec.head_dim ** -0.5
 
         def in_layer(layer: int) -> Attend:
-            def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-                return cached_tree_attention(q, k, v, batch, layer, scale)
-            return attend
+            return lambda q, k, v: attend(q, k, v, batch, layer, scale)
 
         return self._layers(block, cos, sin, [in_layer(i) for i in range(len(self.layers))])
 

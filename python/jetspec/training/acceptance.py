@@ -9,7 +9,7 @@ outcome, for every (budget, width) at once; the rounds then chain n -> n + commi
 
 It is exact up to float rounding: the decoder computes the same states in pieces (prefill, then one
 tree per round), whose rounding differs from one causal forward's; a draft's top-K can differ only at
-near-ties (tests check equality with :class:`~jetspec.spec.SpeculativeGenerator` in fp32).
+near-ties (tests check equality with :class:`~jetspec.SpeculativeGenerator` in fp32).
 """
 
 from __future__ import annotations
@@ -19,19 +19,20 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from .drafter import candidates
-from .heads import DraftHead, check_head_fits_target
-from .target import Target
-from .train import anchored_blocks
-from .tree import build_tree
+from .. import ops
+from ..heads import DraftHead, check_head_fits_target
+from ..runtime.drafters import candidates
+from ..runtime.generator import SpeculativeGenerator
+from ..runtime.target import Target
+from .blocks import anchored_blocks
 
-__all__ = ["replay_acceptance", "matched_depth"]
+__all__ = ["replay_acceptance", "matched_depth", "evaluate_acceptance"]
 
 
 def matched_depth(tokens: Tensor, parents: Tensor, depths: Tensor, num_nodes: Tensor, truth: Tensor) -> Tensor:
     """``[A]`` depth of the deepest node of each tree whose root path spells ``truth[a, 1:]``.
 
-    ``tokens/parents/depths`` ``[A, N]`` as :func:`~jetspec.tree.build_tree` returns them; ``truth``
+    ``tokens/parents/depths`` ``[A, N]`` as :func:`~jetspec.ops.build_tree` returns them; ``truth``
     ``[A, D + 1]``: the true continuation after each root (-1 where unknown, matching nothing)."""
     real = torch.arange(tokens.shape[1], device=tokens.device) < num_nodes[:, None]
     expected = truth.gather(1, depths.clamp(max=truth.shape[1] - 1))
@@ -51,7 +52,7 @@ def replay_acceptance(model: nn.Module, head: DraftHead, tokens: Sequence[int], 
 
     ``tokens``: the prompt followed by the target's greedy continuation; it should extend ``depth``
     tokens past ``prompt_len + new_tokens`` (positions past its end match nothing). ``depth``: as for
-    :class:`~jetspec.spec.SpeculativeGenerator` (default: the head's)."""
+    :class:`~jetspec.SpeculativeGenerator` (default: the head's)."""
     target = Target(model)
     check_head_fits_target(head, target.config)
     head = head.to(device=target.device, dtype=target.dtype)
@@ -75,7 +76,7 @@ def replay_acceptance(model: nn.Module, head: DraftHead, tokens: Sequence[int], 
         if d == 0:  # budget 1: plain decoding commits one token per round
             committed = torch.ones_like(anchors)
         else:
-            tree = build_tree(logprobs[:, :d, :width].contiguous(), ids[:, :d, :width].contiguous(), truth[:, 0],
+            tree = ops.build_tree(logprobs[:, :d, :width].contiguous(), ids[:, :d, :width].contiguous(), truth[:, 0],
                               anchors, budget)
             committed = 1 + matched_depth(tree.tokens, tree.parents, tree.depths, tree.num_nodes, truth[:, :d + 1])
         rounds[(budget, width)] = _chain(committed.tolist(), new_tokens)
@@ -90,3 +91,16 @@ def _chain(committed: list[int], new_tokens: int) -> list[int]:
         lengths.append(committed[offset])
         offset += committed[offset]
     return lengths
+
+
+def evaluate_acceptance(model: nn.Module, head: DraftHead, prompts: Sequence[Sequence[int]], *, budget: int = 64,
+                        width: int = 8, max_new_tokens: int = 64, eos_token_id=None) -> dict:
+    """Mean acceptance length (tokens committed per round) of ``head`` over ``prompts``."""
+    gen = SpeculativeGenerator(model, head, budget=budget, width=width)
+    lengths: list[int] = []
+    device = model.lm_head.weight.device
+    for prompt in prompts:
+        out = gen.generate(torch.tensor([list(prompt)], device=device), max_new_tokens=max_new_tokens,
+                           eos_token_id=eos_token_id)
+        lengths += out.stats.accept_lengths
+    return {"tau": sum(lengths) / max(len(lengths), 1), "rounds": len(lengths)}

@@ -6,7 +6,7 @@
 // repeat a token the last one wins, as in a token -> child map filled in node
 // order); one thread then follows those links from the root. The walk is as
 // long as the accepted path, not the tree.
-#include "accept.cuh"
+#include "accept_greedy.cuh"
 
 namespace jetspec::cuda {
 namespace {

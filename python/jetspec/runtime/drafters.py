@@ -15,10 +15,9 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from . import ops
-from ._ext import has_kernel
-from .cache import KVCache
-from .heads import DraftHead, check_head_fits_target
+from .. import ops
+from ..heads import DraftHead, check_head_fits_target
+from ..layers.cache import KVCache
 from .target import Target
 
 
@@ -41,7 +40,7 @@ class Drafter(ABC):
         """Top-``width`` candidates for depths 1..depth after ``anchor`` ``[B]``:
         full-vocabulary log-probs ``[B, depth, width]`` float32 (descending) and ids int64."""
 
-    # The device round (jetspec.device_round) keeps the committed length on the device as ``length``
+    # The device round (jetspec.runtime.rounds.DeviceRound) keeps the committed length on the device as ``length``
     # ``[B]`` int64 and calls these instead of extend/propose; nothing in them may read a device value
     # back, so that a CUDA graph can replay them. A drafter that has them sets ``on_device``.
 
@@ -132,7 +131,7 @@ def candidates(target: Target, hidden: Tensor, width: int) -> tuple[Tensor, Tens
     over the head's hidden states ``[B, D, H]``: the fused ``draft_topk`` op where the build has it."""
     lm_head = target.lm_head
     k = min(width, lm_head.weight.shape[0])
-    if getattr(lm_head, "bias", None) is None and has_kernel("draft_topk", hidden.device):
+    if getattr(lm_head, "bias", None) is None and ops.supports("draft_topk", hidden.device, k=k):
         return ops.draft_topk(hidden, lm_head.weight, k)
     # No fused kernel for this device: the LM head in the model's dtype, then the top-K.
     return torch.log_softmax(lm_head(hidden).float(), dim=-1).topk(k, dim=-1)

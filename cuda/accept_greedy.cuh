@@ -1,4 +1,4 @@
-// Launcher interface of cuda/accept.cu (raw pointers only; contract in cpp/accept.cpp).
+// Launcher interface of cuda/accept_greedy.cu (raw pointers only; contract in cpp/accept_greedy.cpp).
 #pragma once
 #include <cstdint>
 #include <cuda_runtime_api.h>

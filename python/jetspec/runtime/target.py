@@ -8,9 +8,9 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from .attention import TreeBatch, tree_attention
-from .cache import KVCache
-from .heads.config import attention_shape
+from ..heads.config import attention_shape
+from ..layers.attention import HostBatch, TreeBatch, use_tree_attention
+from ..layers.cache import KVCache
 
 
 class Target:
@@ -61,17 +61,15 @@ class Target:
         batch, n = tokens.shape
         visible = torch.ones(batch, n, n, dtype=torch.bool, device=tokens.device).tril()
         positions = torch.arange(n, device=tokens.device).expand(batch, -1)
-        return self.forward(tokens, positions, cache, 0, visible, tap_layers)
+        prefix = torch.zeros(batch, dtype=torch.long, device=tokens.device)
+        return self.forward(tokens, positions, HostBatch(cache=cache, prefix_len=prefix, start=0, visible=visible),
+                            tap_layers)
 
     @torch.no_grad()
-    def forward(self, tokens: Tensor, positions: Tensor, cache: KVCache, start: int, visible: Tensor | None,
-                tap_layers: Sequence[int] = (), ancestors: Tensor | None = None,
-                prefix_len: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """Run ``tokens`` ``[B, n]`` at ``positions`` ``[B, n]``; their K/V land in cache slots
-        ``start .. start + n``, and token i attends the prefix ``[0, start)`` and the new tokens j
-        with ``visible[:, i, j]``. A tree passes that mask packed instead, as ``ancestors``
-        ``[B, n, ceil(n / 32)]`` int32 (``visible`` None) with ``prefix_len`` ``[B]`` (= ``start``, on the
-        device), so that its attention can run the ``tree_attention`` op.
+    def forward(self, tokens: Tensor, positions: Tensor, batch: TreeBatch,
+                tap_layers: Sequence[int] = ()) -> tuple[Tensor, Tensor]:
+        """Run ``tokens`` ``[B, n]`` at ``positions`` ``[B, n]`` over ``batch``'s cache: their K/V land in the
+        slots after its prefix, and token i attends the prefix and the new tokens its mask allows.
 
         Returns:
             logits ``[B, n, V]`` and the outputs of the ``tap_layers`` decoder layers concatenated along
@@ -81,14 +79,8 @@ class Target:
         hooks = [self.model.model.layers[layer].register_forward_hook(_tap_into(tapped, layer))
                  for layer in set(tap_layers)]
         try:
-            with tree_attention(self.model):
-                out = self.model(
-                    input_ids=tokens,
-                    position_ids=positions,
-                    use_cache=False,
-                    jetspec=TreeBatch(cache=cache, start=start, visible=visible, ancestors=ancestors,
-                                      prefix_len=prefix_len),
-                )
+            with use_tree_attention(self.model):
+                out = self.model(input_ids=tokens, position_ids=positions, use_cache=False, jetspec=batch)
         finally:
             for hook in hooks:
                 hook.remove()

@@ -26,7 +26,7 @@
 #include "checks.h"
 #include "cuda_glue.h"
 #ifdef JETSPEC_WITH_CUDA
-#include "accept.cuh"
+#include "accept_greedy.cuh"
 #endif
 
 namespace jetspec {

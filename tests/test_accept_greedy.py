@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import jetspec
-from jetspec import reference
+from jetspec.ops import reference
 from trees import random_parents
 
 

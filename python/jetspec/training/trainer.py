@@ -38,17 +38,10 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .heads import DraftHead, load_head, save_head
-from .spec import SpeculativeGenerator, stop_tokens
-from .target import Target
-
-
-@dataclass
-class TrainingSequence:
-    """Prompt tokens followed by the target's greedy response."""
-
-    tokens: list[int]
-    prompt_len: int
+from ..heads import DraftHead, load_head, save_head
+from ..runtime.target import Target
+from .blocks import anchored_blocks
+from .distill import TrainingSequence
 
 
 @dataclass
@@ -77,98 +70,6 @@ class TrainConfig:
                              "at least 1")
         if not 0 <= self.warmup < 1:
             raise ValueError(f"jetspec: warmup is a fraction of the steps in [0, 1), got {self.warmup}")
-
-
-@torch.no_grad()
-def self_distill(model: nn.Module, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, batch_size: int = 16,
-                 eos_token_id: int | Sequence[int] | None = None, pad_token_id: int = 0,
-                 progress: bool = True) -> list[TrainingSequence]:
-    """The target's greedy responses to ``prompts`` (token ids), batched with left padding, each cut after
-    its first stop token (``eos_token_id`` as for :meth:`SpeculativeGenerator.generate`)."""
-    device = model.lm_head.weight.device
-    eos = stop_tokens(model, eos_token_id)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths share a batch
-    results: dict[int, TrainingSequence] = {}
-    for start in tqdm(range(0, len(order), batch_size), desc="self-distillation", disable=not progress):
-        idx = order[start:start + batch_size]
-        width = max(len(prompts[i]) for i in idx)
-        ids = torch.full((len(idx), width), pad_token_id, dtype=torch.long)
-        attention = torch.zeros(len(idx), width, dtype=torch.long)
-        for row, i in enumerate(idx):
-            ids[row, width - len(prompts[i]):] = torch.tensor(prompts[i])
-            attention[row, width - len(prompts[i]):] = 1
-        # HF generate reads eos None as "the model's eos", so "no stop token" is an id no logit can produce.
-        stop = sorted(eos) or [model.lm_head.weight.shape[0]]
-        generated = model.generate(ids.to(device), attention_mask=attention.to(device), do_sample=False,
-                                   max_new_tokens=max_new_tokens, eos_token_id=stop,
-                                   pad_token_id=pad_token_id)[:, width:].tolist()
-        for row, i in enumerate(idx):
-            response = []
-            for token in generated[row]:
-                response.append(token)
-                if token in eos:
-                    break
-            results[i] = TrainingSequence(tokens=list(prompts[i]) + response, prompt_len=len(prompts[i]))
-    return [results[i] for i in range(len(prompts))]
-
-
-def evaluate_acceptance(model: nn.Module, head: DraftHead, prompts: Sequence[Sequence[int]], *, budget: int = 64,
-                        width: int = 8, max_new_tokens: int = 64, eos_token_id=None) -> dict:
-    """Mean acceptance length (tokens committed per round) of ``head`` over ``prompts``."""
-    gen = SpeculativeGenerator(model, head, budget=budget, width=width)
-    lengths: list[int] = []
-    device = model.lm_head.weight.device
-    for prompt in prompts:
-        out = gen.generate(torch.tensor([list(prompt)], device=device), max_new_tokens=max_new_tokens,
-                           eos_token_id=eos_token_id)
-        lengths += out.stats.accept_lengths
-    return {"tau": sum(lengths) / max(len(lengths), 1), "rounds": len(lengths)}
-
-
-def save_sequences(sequences: Iterable[TrainingSequence], path: str | Path, append: bool = False) -> None:
-    with open(path, "a" if append else "w") as f:
-        for s in sequences:
-            f.write(json.dumps(asdict(s)) + "\n")
-
-
-def load_sequences(path: str | Path) -> list[TrainingSequence]:
-    with open(path) as f:
-        return [TrainingSequence(**json.loads(line)) for line in f if line.strip()]
-
-
-def block_mask(anchors: Sequence[int], context_len: int, block_size: int, causal: bool,
-               device: torch.device | str = "cpu") -> Tensor:
-    """``[n * B, T + n * B]`` bool: block j (anchor a_j) sees context rows < a_j and its own slots."""
-    n = len(anchors)
-    rows = n * block_size
-    slot = torch.arange(rows, device=device)
-    block_of = slot // block_size
-    anchor = torch.tensor(list(anchors), device=device)[block_of]
-    context = torch.arange(context_len, device=device)[None, :] < anchor[:, None]
-    same_block = block_of[:, None] == block_of[None, :]
-    if causal:
-        same_block &= slot[None, :] <= slot[:, None]
-    return torch.cat([context, same_block], dim=1)
-
-
-def anchored_blocks(head: DraftHead, target: Target, tokens: Tensor, tapped: Tensor, anchors: Tensor) -> Tensor:
-    """The head's final hidden states ``[B, n, block, H]`` for the block at every anchor of ``tokens``
-    ``[B, T]``, all in one packed forward: block j of row b is ``[tokens[b, a], mask, ...]`` at positions
-    a..a+block-1 (a = ``anchors[b, j]``), seeing the context rows < a of ``tapped`` ``[B, T, F]`` (the target's
-    tapped states of ``tokens``) and its own slots, exactly as a decoding round anchored at a does."""
-    spec = head.spec
-    batch, width = tokens.shape
-    blocks = anchors.shape[1]
-    device = tokens.device
-    positions = torch.arange(width, device=device).expand(batch, -1)
-    block_pos = (anchors[:, :, None] + torch.arange(spec.block_size, device=device)).flatten(1)
-    block_ids = torch.full_like(block_pos, spec.mask_token_id)
-    block_ids.view(batch, blocks, -1)[:, :, 0] = tokens.gather(1, anchors)
-    mask = torch.stack([block_mask(a.tolist(), width, spec.block_size, spec.causal, device)
-                        for a in anchors]).unsqueeze(1)  # [batch, 1, rows, width + rows]
-    context = head.context_key_values(tapped, positions)
-    hidden = head(target.embed_tokens(block_ids).to(tapped.dtype), block_pos, context, mask)
-    return hidden.view(batch, blocks, spec.block_size, -1)
 
 
 @dataclass

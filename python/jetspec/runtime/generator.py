@@ -1,0 +1,214 @@
+"""The driver: :class:`SpeculativeGenerator` runs the rounds of :mod:`jetspec.runtime.rounds` and streams
+what they commit.
+
+Three ways to run the rounds (``mode``): ``"host"`` runs :class:`~jetspec.runtime.rounds.HostRound`
+(any dtype, any drafter); ``"device"`` runs :class:`~jetspec.runtime.rounds.DeviceRound`, which keeps the
+committed length on the device (no host sync inside a round) while the host reads each round's tokens
+one round behind; ``"graph"`` replays that round from one CUDA graph.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import Iterator, Literal, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .. import ops
+from ..heads import DraftHead
+from .drafters import Drafter, HeadDrafter
+from .results import Emitter, GenerationOutput, GenerationStats, Results, TokenStream, stop_tokens
+from .rounds import DeviceRound, HostRound, Round
+from .target import Target
+
+__all__ = ["SpeculativeGenerator", "MODES"]
+
+MODES = ("host", "device", "graph")
+Mode = Literal["host", "device", "graph"]
+
+
+class SpeculativeGenerator:
+    """Greedy generation with tree speculative decoding; output identical to greedy decoding.
+
+    Args:
+        model: an HF decoder-only ``*ForCausalLM`` (Qwen3, Qwen2, Llama, ...).
+        drafter: a :class:`~jetspec.heads.DraftHead` (JetSpec or DFlash; moved in place to the target's
+            device and dtype), any :class:`Drafter`, or None for plain autoregressive decoding (then
+            ``budget`` must be 1).
+        budget: tree nodes per round, root included (1 = autoregressive).
+        width: candidates per depth (1 = chain drafting).
+        depth: deepest tree depth (default: the drafter's, i.e. the head's block size - 1).
+        profile: synchronise the device around phases so ``phase_seconds`` are exact (slower; not with
+            ``mode="graph"``, whose phases run inside one graph: ``bench/bench_round.py`` times them).
+        mode: ``"host"``, ``"device"`` or ``"graph"`` (module docstring). Default: ``"graph"`` for a bf16/fp16
+            target on CUDA with a draft head (or none), else ``"host"``. The device modes take a
+            :class:`~jetspec.heads.DraftHead`, a drafter with ``on_device``, or None.
+    """
+
+    def __init__(self, model: nn.Module, drafter: DraftHead | Drafter | None = None, *, budget: int = 64,
+                 width: int = 8, depth: int | None = None, profile: bool = False, mode: Mode | None = None) -> None:
+        self.target = Target(model)
+        if isinstance(drafter, DraftHead):
+            drafter = HeadDrafter(drafter, self.target)
+        if not isinstance(budget, int) or budget < 1:
+            raise ValueError(f"jetspec: budget (tree nodes incl. the root) must be an integer >= 1, got {budget!r}")
+        if not isinstance(width, int) or width < 1:
+            raise ValueError(f"jetspec: width (candidates per depth) must be an integer >= 1, got {width!r}")
+        if budget > 1 and drafter is None:
+            raise ValueError("jetspec: a budget above 1 needs a drafter (a draft head)")
+        max_depth = drafter.depth if drafter is not None else 0
+        if depth is not None and not (isinstance(depth, int) and 1 <= depth <= max_depth):
+            raise ValueError(f"jetspec: depth must be an integer in [1, {max_depth}] for this drafter, got {depth!r}")
+        self.drafter = drafter if budget > 1 else None
+        self.budget = budget
+        self.width = width
+        self.depth = min(depth or max_depth, budget - 1)
+        self.profile = profile
+        self.mode = self._pick_mode(mode)
+        # mode "device"/"graph": the round (reused while its capacity fits), its graph, and the head cache the
+        # graph was captured with (a drafter given a new cache needs a new graph)
+        self._device_round: tuple[DeviceRound, torch.cuda.CUDAGraph | None, object] | None = None
+
+    def _pick_mode(self, mode: Mode | None) -> Mode:
+        on_device = self.drafter is None or self.drafter.on_device
+        cuda = self.target.device.type == "cuda"
+        if mode is None:
+            half = self.target.dtype in (torch.float16, torch.bfloat16)
+            return "graph" if cuda and half and on_device and not self.profile else "host"
+        if mode not in MODES:
+            raise ValueError(f"jetspec: mode must be one of {MODES}, got {mode!r}")
+        if mode != "host" and not on_device:
+            raise ValueError(f"jetspec: mode {mode!r} needs a drafter that runs on the device (a DraftHead) or "
+                             f"none; {type(self.drafter).__name__} runs with mode='host'")
+        if mode == "graph" and self.profile:
+            raise ValueError("jetspec: profile times phases by synchronising between them, which a graph replay "
+                             "cannot; use mode='device' (bench/bench_round.py times graphed phases)")
+        if mode == "graph" and not cuda:
+            raise ValueError(f"jetspec: mode 'graph' needs the target on a CUDA device, not {self.target.device}")
+        return mode
+
+    # -- public API --------------------------------------------------------------------------
+
+    def generate(self, input_ids: Tensor, max_new_tokens: int = 128,
+                 eos_token_id: int | Sequence[int] | None = None) -> GenerationOutput:
+        """Like ``model.generate(input_ids, do_sample=False, max_new_tokens=...)``, token for token.
+
+        ``eos_token_id``: an id or a list of ids to stop after (the stop token is kept, as HF does);
+        None means the model's ``generation_config.eos_token_id``; ``[]`` never stops early."""
+        stream = self.stream(input_ids, max_new_tokens=max_new_tokens, eos_token_id=eos_token_id)
+        for _ in stream:
+            pass
+        prompt = self._prompt(input_ids)
+        new = torch.tensor([stream.tokens], dtype=torch.long, device=prompt.device)
+        return GenerationOutput(sequences=torch.cat([prompt, new], dim=1), stats=stream.stats)
+
+    def stream(self, input_ids: Tensor, max_new_tokens: int = 128,
+               eos_token_id: int | Sequence[int] | None = None) -> TokenStream:
+        """Iterate over the tokens committed by each round (the first item is the prefill's token)."""
+        prompt = self._prompt(input_ids)
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ValueError(f"jetspec: max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        eos = stop_tokens(self.target.model, eos_token_id)
+        # Positions used: the prompt's, then n + depth for a round that starts with n committed tokens in
+        # the cache, where n <= prompt + max_new_tokens - 2 (a round runs only while a token is still owed).
+        limit = self.target.max_positions
+        furthest = max(prompt.shape[1] - 1, prompt.shape[1] + max_new_tokens - 2 + self.depth)
+        if limit is not None and furthest >= limit:
+            raise ValueError(f"jetspec: prompt ({prompt.shape[1]}) + max_new_tokens ({max_new_tokens}) with tree depth "
+                             f"{self.depth} needs position {furthest}, past the model's {limit} positions")
+        stats = GenerationStats(prompt_tokens=prompt.shape[1])
+        return TokenStream(self._run(prompt, max_new_tokens, eos, stats), stats)
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def _prompt(self, input_ids: Tensor) -> Tensor:
+        if not isinstance(input_ids, Tensor) or input_ids.dtype != torch.long:
+            raise ValueError("jetspec: input_ids must be an int64 tensor of token ids")
+        prompt = input_ids.unsqueeze(0) if input_ids.dim() == 1 else input_ids
+        if prompt.dim() != 2 or prompt.shape[1] < 1:
+            raise ValueError(f"jetspec: input_ids must be [1, prompt_len] with prompt_len >= 1, got "
+                             f"{tuple(input_ids.shape)}")
+        if prompt.shape[0] != 1:
+            raise NotImplementedError("jetspec: the driver decodes one sequence at a time (batch 1); the ops take "
+                                      "batches already")
+        if int(prompt.min()) < 0 or int(prompt.max()) >= self.target.vocab_size:
+            raise ValueError(f"jetspec: input_ids must lie in [0, {self.target.vocab_size})")
+        return prompt.to(self.target.device)
+
+    def _run(self, prompt: Tensor, max_new_tokens: int, eos: set[int], stats: GenerationStats) -> Iterator[list[int]]:
+        """Prefill, then step rounds and emit what they commit. A round that does not wait for the device
+        (device and graph modes) is queued before the host reads the tokens of the last one, unless that
+        one may end the generation."""
+        start = time.perf_counter()
+        emit = Emitter(eos, max_new_tokens)
+        with self._phase("prefill", stats):
+            rounds, graph = self._round(prompt, max_new_tokens)
+        out, done = emit([int(rounds.anchor)])
+        self._account(stats, start, out, committed=None)
+        yield out
+
+        results = Results(rounds.result)
+        in_flight = 1 if rounds.synchronous else 2
+
+        def launch() -> None:
+            if graph is not None:
+                graph.replay()
+            else:
+                rounds.step(lambda name: self._phase(name, stats))
+            results.push()
+
+        launch()
+        while not done:
+            # Another round is never wasted work while the rounds in flight cannot reach max_new_tokens.
+            if len(results) < in_flight and emit.count + (self.depth + 1) * len(results) < max_new_tokens:
+                launch()
+            committed = results.pop()
+            out, done = emit(committed)
+            self._account(stats, start, out, committed=len(committed))
+            yield out
+            if not done and not len(results):
+                launch()
+
+    def _round(self, prompt: Tensor, max_new_tokens: int) -> tuple[Round, torch.cuda.CUDAGraph | None]:
+        """A round prefilled with ``prompt``, and in mode "graph" its CUDA graph. Mode "host": a round whose
+        cache fits this generation exactly. Otherwise the device round whose capacity bucket fits it (made,
+        and captured, on first use; reused after): the prompt, the new tokens, and the slots two rounds in
+        flight may write past them, rounded up to a power of two (one graph serves many lengths)."""
+        if self.mode == "host":
+            rounds = HostRound(self.target, self.drafter, self.budget, self.width, self.depth,
+                               prompt.shape[1] + max_new_tokens + self.budget)
+            rounds.prefill(prompt)
+            return rounds, None
+        block = self.drafter.depth + 1 if self.drafter is not None else 1  # a head's block: anchor + depths
+        need = prompt.shape[1] + max_new_tokens + 2 * (self.budget + block + self.depth + 2)
+        capacity = max(1024, 1 << (need - 1).bit_length())
+        if self._device_round is None or self._device_round[0].capacity != capacity:
+            self._device_round = None  # free the old caches and graph first
+            self._device_round = (DeviceRound(self.target, self.drafter, self.budget, self.width, self.depth,
+                                              capacity), None, None)
+        rounds, graph, captured_with = self._device_round
+        rounds.prefill(prompt)
+        context = getattr(self.drafter, "context", None)
+        if self.mode == "graph" and (graph is None or captured_with is not context):
+            graph = rounds.capture()
+            self._device_round = (rounds, graph, context)
+        return rounds, graph
+
+    def _account(self, stats: GenerationStats, start: float, out: list[int], committed: int | None) -> None:
+        stats.new_tokens += len(out)
+        if committed is not None:
+            stats.rounds += 1
+            stats.accept_lengths.append(committed)
+        stats.wall_seconds = time.perf_counter() - start
+
+    @contextlib.contextmanager
+    def _phase(self, name: str, stats: GenerationStats) -> Iterator[None]:
+        if self.profile and self.target.device.type == "cuda":
+            torch.cuda.synchronize(self.target.device)
+        t0 = time.perf_counter()
+        yield
+        if self.profile and self.target.device.type == "cuda":
+            torch.cuda.synchronize(self.target.device)
+        stats.phase_seconds[name] += time.perf_counter() - t0
