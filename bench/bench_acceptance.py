@@ -6,7 +6,7 @@
 
 For every benchmark (MT-Bench, HumanEval, GSM8K, MATH-500, AIME25; the first ``--prompts`` of each,
 chat template), the target's greedy continuation is generated once (HF ``generate``, batched), then
-every head's rounds for every (budget, width) are replayed from it (:mod:`jetspec.acceptance`: equal
+every head's rounds for every (budget, width) are replayed from it (:mod:`jetspec.training.acceptance`: equal
 to the decoder's rounds), giving tau = tokens committed per round. Width 1 is chain drafting; budget 1
 is plain decoding. Speed is measured for real, on the first ``--timed-prompts`` prompts of each
 benchmark: the decoder's tokens/s per configuration (and that its output equals HF greedy's) against

@@ -3,10 +3,10 @@
 The op is one launch of one block per tree, so its floor is the launch itself: times are reported
 against an empty kernel measured in the same run (the issue's target is N = 256 and 1024 in under
 20 us at batch 1). The peer is what a driver without the kernel does: copy the candidates to the
-host, run the CPU reference (the Python heap) and copy the tree back.
+host, run the CPU kernel and copy the tree back.
 
 A tree of N nodes takes ceil((N - 1) / K) expansions (fewer when depth D runs out; K = 1 builds a
-chain of D + 1). The kernel builds trees of 40 or more expansions with its threshold path (a score
+chain of D + 1). The kernel builds trees of many expansions (``LIMITS``) with its threshold path (a score
 bound, then every node above it, sorted) and the others with a chain of single pops; `path` says
 which one the rule picks. "softmax" candidates are the top-K of a log-softmax over a 32k vocabulary of
 Gaussian logits (std 4), what a draft head gives; "ties" candidates take five values (0, -0.25, -0.5,
@@ -21,6 +21,7 @@ import time
 import torch
 
 import jetspec  # noqa: F401  (registers the ops)
+from jetspec.ops import LIMITS
 from jetspec.ops.tree import words_for
 
 from .harness import Ceilings, Timer
@@ -30,7 +31,6 @@ VOCAB = 32768
 BUDGETS = [64, 256, 1024]
 WIDTHS = [1, 4, 8, 32]
 BATCHES = [1, 8]
-THRESHOLD_MIN_EXPANSIONS = 40  # cuda/build_tree.cu: kThresholdMinExpansions
 TIE_VALUES = [0.0, -0.25, -0.5, -1.0, -2.0]
 
 
@@ -48,11 +48,12 @@ def _candidates(kind: str, batch: int, width: int, device: torch.device):
 
 
 def _path(logprobs: torch.Tensor, budget: int) -> str:
-    """The kernel's rule: the threshold path for trees of 40 or more expansions whose expanding depths
+    """The kernel's rule: the threshold path for trees of enough expansions whose expanding depths
     repeat no log-prob within a row (it may still hand a tree to the pop path, which this cannot see)."""
     width = logprobs.shape[-1]
     repeats = bool((logprobs[:, :-1, 1:] == logprobs[:, :-1, :-1]).any())
-    return "threshold" if width >= 2 and (budget - 2) // width >= THRESHOLD_MIN_EXPANSIONS and not repeats else "pops"
+    enough = (budget - 2) // width >= LIMITS["build_tree"]["cuda"]["threshold_expansions"]
+    return "threshold" if width >= 2 and enough and not repeats else "pops"
 
 
 def _outputs(batch: int, budget: int, device: torch.device):

@@ -114,7 +114,7 @@ def _variant(name: str, dtype: torch.dtype, new: int, device) -> list[dict]:
         configs.append(("oracle (SDPA verify)", OracleDrafter(ar_tokens, 15, config.vocab_size), 256, 8, True))
     for label, drafter, budget, width, sdpa in configs:
         # The peer: the same rounds with the verify attention in torch SDPA instead of the op.
-        with mock.patch.object(jetspec.layers.attention, "op_applies", lambda *_: False) if sdpa else contextlib.nullcontext():
+        with mock.patch.object(jetspec.ops, "tree_attention_supports", lambda *_: False) if sdpa else contextlib.nullcontext():
             tokens, stats = _timed_generate(SpeculativeGenerator(model, drafter, budget=budget, width=width,
                                                                  mode="host"), prompt, new)
             _, profiled = _timed_generate(SpeculativeGenerator(model, drafter, budget=budget, width=width,

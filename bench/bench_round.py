@@ -12,7 +12,7 @@ layers, so it repeats its last token by a wide margin), which changes
 no shape, so every phase costs what it costs on the plain random model.
 Per configuration:
 
-- ``phase_us``: each phase of :class:`~jetspec.device_round.DeviceRound` captured as
+- ``phase_us``: each phase of :class:`~jetspec.runtime.DeviceRound` captured as
   its own graph and the graphs replayed in round order, median GPU time per phase
   over the rounds (a phase shorter than a graph launch, ~2-4 us, is measured as that);
 - ``round_us``: the whole round from one graph (median), against the same round

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import torch
 
-from . import bench_build_tree, bench_draft_topk, bench_e2e, bench_kv_compact, bench_round, bench_tree_attention
+from . import (bench_accept_greedy, bench_build_tree, bench_draft_topk, bench_e2e, bench_kv_compact, bench_round,
+               bench_tree_attention)
 from .harness import Ceilings, Timer, device_info, print_table, write_results
 
-BENCHMARKS = {"build_tree": bench_build_tree, "draft_topk": bench_draft_topk, "e2e": bench_e2e,
+BENCHMARKS = {"accept_greedy": bench_accept_greedy, "build_tree": bench_build_tree, "draft_topk": bench_draft_topk, "e2e": bench_e2e,
               "kv_compact": bench_kv_compact, "round": bench_round, "tree_attention": bench_tree_attention}
 
 

@@ -1,8 +1,9 @@
 // The extension module jetspec._C. Importing it runs the TORCH_LIBRARY
 // registrations of the other files in cpp/; it exposes no Python functions, only
 // WITH_CUDA (so Python can tell a CPU-only build apart) and LIMITS, the ops' size
-// limits as {op: {device type: {name: value}}}, which jetspec.ops.supports() reads
-// instead of copying them.
+// limits as {op: {device type: {name: value}}} (plus the size where build_tree's CUDA
+// kernel changes path, for its benchmark), which jetspec.ops.supports() reads instead
+// of copying them.
 #include <Python.h>
 
 #include <cstdint>
@@ -46,7 +47,8 @@ PyObject* limits() {
 #ifdef JETSPEC_WITH_CUDA
       {"build_tree", dict_of({{"cuda", dict_of({{"depth", integer(cuda::kTreeMaxDepth)},
                                                 {"width", integer(cuda::kTreeMaxWidth)},
-                                                {"nodes", integer(cuda::kTreeMaxNodes)}})}})},
+                                                {"nodes", integer(cuda::kTreeMaxNodes)},
+                                                {"threshold_expansions", integer(cuda::kThresholdMinExpansions)}})}})},
       {"draft_topk", dict_of({{"cuda", dict_of({{"k", integer(cuda::kDraftTopkMaxK)}})}})},
       {"accept_greedy", dict_of({{"cuda", dict_of({{"nodes", integer(cuda::kAcceptMaxNodes)}})}})},
 #endif

@@ -71,10 +71,6 @@ constexpr uint32_t kCountCap = 1u << 20;
 constexpr int kFound = 1024;
 constexpr int kBuckets = 2 * kGroup;  // of the sort by score
 constexpr uint32_t kBucketCrowd = 64;
-// Below this many expansions beyond the root, the pop path's short chain beats the threshold path's
-// fixed cost: on the H100 the pop path was faster at 31 expansions (K = 2 / 4 / 8 / 16 / 32) and
-// slower at 63, by 1-3 us either way (bench/results/h100/build_tree_threshold/paths_forced.txt).
-constexpr int kThresholdMinExpansions = 40;
 constexpr unsigned kZeroPauseNs = 300;  // see zero_ancestors
 
 // A candidate in the reference heap's order: higher score first, then lower node index. `score` is the
@@ -540,8 +536,7 @@ __device__ int grow_by_threshold(Shared& s, int depth, int width, int budget, in
 // 16-byte stores when the rows are one dense, aligned block (a quarter of the store instructions), else
 // one word per lane. With `pause_ns`, each 16-byte store is followed by a sleep: a burst of stores
 // fills the memory pipeline's queue and delays the shared-memory loads of the warps working meanwhile
-// (measured on the H100: 3k cycles of a 33k-cycle threshold-path tree without the pauses, 0.7k with
-// 300 ns).
+// (the stall cycles with and without the pauses: bench/results/h100/kernel_notes.md).
 __device__ void zero_ancestors(const BuildTreeArgs& a, int32_t* anc, int budget, int words, int index, int count,
                                int lane, unsigned pause_ns) {
   const int total = budget * words;

@@ -9,6 +9,10 @@ namespace jetspec::cuda {
 constexpr int64_t kTreeMaxDepth = 32;   // D
 constexpr int64_t kTreeMaxWidth = 32;   // K
 constexpr int64_t kTreeMaxNodes = 1024; // N
+// Trees of at least this many expansions beyond the root (and K >= 2) take the threshold path; below
+// it the pop path's short chain beats the threshold path's fixed cost (both paths forced and timed:
+// bench/results/h100/build_tree_threshold/paths_forced.txt).
+constexpr int kThresholdMinExpansions = 40;
 
 // Every tensor is addressed through its element strides, so that sliced or transposed
 // inputs and outputs need no copy (and no extra launch).

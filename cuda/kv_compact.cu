@@ -12,8 +12,7 @@
 // before writing anything makes any overlap safe, and the kernel is a handful
 // of instructions: at this size a round trip to memory and the launch are the
 // whole cost. Unrolled code cost instruction-cache misses that showed up as time
-// (measured on the H100: 2.1 us -> 4.1 us for 4 -> 32 unrolled rows per thread
-// with nothing to move), hence a warp per row rather than a loop per thread.
+// (bench/results/h100/kernel_notes.md), hence a warp per row rather than a loop per thread.
 //
 // Long paths: one warp owns a slab of 32 vector-wide columns of one (plane,
 // sequence); each lane walks the accepted rows of its column in path order. Columns never alias

@@ -82,10 +82,9 @@ struct Tile {
 // products use the tensor cores, which the single-warpgroup block could only get from a second block per
 // SM whose phases drift into step with its own. With 64 rows a warpgroup, 128-key tiles fit (O 64, S 64
 // and P 32 registers): twice the products per softmax pass, barrier and wait, and half the Q reads per
-// FLOP. Measured on an H100 at 32k (bench/results/h100/specialised/): N = 64 85.1 -> 74.6 us and N = 256
-// 257.1 -> 205.3 us (standalone harness, against the single-warpgroup tile); 64-key tiles gave 78.1 and
-// 245.0, and two stages of 128 keys 104.7 and 344.3 (three fill shared memory). The single-warpgroup
-// wgmma tile remains for when the driver cannot describe the cache to the copy engine.
+// FLOP; 64-key tiles and two-stage rings were measured slower (bench/results/h100/specialised/; three
+// 128-key stages fill shared memory). The single-warpgroup wgmma tile remains for when the driver cannot
+// describe the cache to the copy engine.
 enum TileKind : int { kSmall = 0, kMedium = 1, kLarge = 2, kLargeSpecialised = 3 };
 template <int D> using SmallTile = Tile<D, 1, 1, 64, 3>;
 template <int D> using MediumTile = Tile<D, 4, 1, 64, 3>;
@@ -792,9 +791,8 @@ constexpr int64_t kMinTilesPerSplit = 2;  // fewer keys per block and the prolog
 // splits as one wave holds. A wave is every block slot for the tiles bound by the tensor cores (and the
 // 1-warp decode block, which needs both slots' loads in flight), but one block per SM for the 64-row
 // tile, which is bound by K/V bytes: a second one per SM adds partial-buffer traffic and no bandwidth.
-// Measured on the H100 at 32k (bench/results/h100/wgmma/variants_small_trees.json): N = 16 (64-row
-// tile) 56.0 us at 16 splits against 63.6 us at the 30 of the earlier "fewest splits within 90% of the
-// best wave efficiency" rule; N = 64 (128-row tile, 16 blocks) 84.2 us at 16 splits against 88.4 at 15.
+// It beat the earlier "fewest splits within 90% of the best wave efficiency" rule on both tile kinds
+// (bench/results/h100/wgmma/variants_small_trees.json).
 int choose_splits(int64_t blocks, int64_t wave, int64_t slots, int64_t key_tiles) {
   if (5 * blocks >= 4 * slots) return 1;
   const int64_t most = std::min<int64_t>(key_tiles / kMinTilesPerSplit, kMaxSplits);

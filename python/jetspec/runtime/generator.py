@@ -26,6 +26,8 @@ from .target import Target
 __all__ = ["SpeculativeGenerator", "MODES"]
 
 MODES = ("host", "device", "graph")
+#: The most tree nodes a round verifies: the ``tree_attention`` op's limit, the same on every device.
+MAX_BUDGET: int = ops.LIMITS["tree_attention"]["cpu"]["nodes"]
 Mode = Literal["host", "device", "graph"]
 
 
@@ -52,14 +54,15 @@ class SpeculativeGenerator:
         self.target = Target(model)
         if isinstance(drafter, DraftHead):
             drafter = HeadDrafter(drafter, self.target)
-        if not isinstance(budget, int) or budget < 1:
-            raise ValueError(f"jetspec: budget (tree nodes incl. the root) must be an integer >= 1, got {budget!r}")
-        if not isinstance(width, int) or width < 1:
+        if not _is_int(budget) or not 1 <= budget <= MAX_BUDGET:
+            raise ValueError(f"jetspec: budget (tree nodes incl. the root) must be an integer in [1, {MAX_BUDGET}] "
+                             f"(the ops' node limit), got {budget!r}")
+        if not _is_int(width) or width < 1:
             raise ValueError(f"jetspec: width (candidates per depth) must be an integer >= 1, got {width!r}")
         if budget > 1 and drafter is None:
             raise ValueError("jetspec: a budget above 1 needs a drafter (a draft head)")
         max_depth = drafter.depth if drafter is not None else 0
-        if depth is not None and not (isinstance(depth, int) and 1 <= depth <= max_depth):
+        if depth is not None and not (_is_int(depth) and 1 <= depth <= max_depth):
             raise ValueError(f"jetspec: depth must be an integer in [1, {max_depth}] for this drafter, got {depth!r}")
         self.drafter = drafter if budget > 1 else None
         self.budget = budget
@@ -108,16 +111,17 @@ class SpeculativeGenerator:
                eos_token_id: int | Sequence[int] | None = None) -> TokenStream:
         """Iterate over the tokens committed by each round (the first item is the prefill's token)."""
         prompt = self._prompt(input_ids)
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        if not _is_int(max_new_tokens) or max_new_tokens < 1:
             raise ValueError(f"jetspec: max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
         eos = stop_tokens(self.target.model, eos_token_id)
-        # Positions used: the prompt's, then n + depth for a round that starts with n committed tokens in
-        # the cache, where n <= prompt + max_new_tokens - 2 (a round runs only while a token is still owed).
+        # What plain decoding refuses: a kept token past the model's last position. Tree nodes deeper than
+        # that near the limit are still verified (RoPE is computed, not looked up), but what they decide
+        # lies past max_new_tokens and is never emitted: the token at position p comes from the logits at
+        # p - 1, which attend only positions <= p - 1.
         limit = self.target.max_positions
-        furthest = max(prompt.shape[1] - 1, prompt.shape[1] + max_new_tokens - 2 + self.depth)
-        if limit is not None and furthest >= limit:
-            raise ValueError(f"jetspec: prompt ({prompt.shape[1]}) + max_new_tokens ({max_new_tokens}) with tree depth "
-                             f"{self.depth} needs position {furthest}, past the model's {limit} positions")
+        if limit is not None and prompt.shape[1] + max_new_tokens > limit:
+            raise ValueError(f"jetspec: prompt ({prompt.shape[1]}) + max_new_tokens ({max_new_tokens}) is past the "
+                             f"model's {limit} positions")
         stats = GenerationStats(prompt_tokens=prompt.shape[1])
         return TokenStream(self._run(prompt, max_new_tokens, eos, stats), stats)
 
@@ -212,3 +216,8 @@ class SpeculativeGenerator:
         if self.profile and self.target.device.type == "cuda":
             torch.cuda.synchronize(self.target.device)
         stats.phase_seconds[name] += time.perf_counter() - t0
+
+
+def _is_int(value: object) -> bool:
+    """An integer argument: an int, not a bool (``width=True`` is a mistake, not 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -12,7 +12,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 import jetspec
-from jetspec.runtime import Drafter
+from jetspec.runtime import Drafter, OracleDrafter
 from jetspec.heads import DraftHead, head_config_for
 
 # ---------------------------------------------------------------------------------------------
@@ -446,7 +446,9 @@ def test_constructor_errors(counted):
     model, calls = counted
     head = random_head(model, layers=1, block=8, causal=True, seed=0)
     for kwargs, match in [(dict(budget=0), "budget"), (dict(budget=-1), "budget"), (dict(budget=2.0), "budget"),
-                          (dict(width=0), "width"), (dict(depth=8), "depth"), (dict(depth=0), "depth")]:
+                          (dict(budget=1025), "budget"), (dict(budget=10 ** 6), "budget"), (dict(budget=True), "budget"),
+                          (dict(width=0), "width"), (dict(width=True), "width"), (dict(depth=8), "depth"),
+                          (dict(depth=0), "depth"), (dict(depth=True), "depth")]:
         with pytest.raises(ValueError, match=match):
             jetspec.SpeculativeGenerator(model, head, **kwargs)
     with pytest.raises(ValueError, match="drafter"):
@@ -472,7 +474,8 @@ def test_generate_errors(counted):
         (dict(input_ids=torch.tensor([[1, 256]])), ValueError, "input_ids"),
         (dict(input_ids=torch.tensor([[-1, 2]])), ValueError, "input_ids"),
         (dict(input_ids=torch.zeros(1, 0, dtype=torch.long)), ValueError, "input_ids"),
-        (dict(input_ids=prompt, max_new_tokens=512), ValueError, "position"),
+        (dict(input_ids=prompt, max_new_tokens=503), ValueError, "position"),
+        (dict(input_ids=prompt, max_new_tokens=True), ValueError, "max_new_tokens"),
     ]
     for kwargs, exc, match in cases:
         with pytest.raises(exc, match=match):
@@ -482,22 +485,25 @@ def test_generate_errors(counted):
     assert not calls
 
 
-def test_position_limit_boundary():
-    """The last round may place its deepest node on the model's last position, not past it."""
+@pytest.mark.parametrize("mode", ["host", "device"])
+def test_position_limit_boundary(mode):
+    """Refused is only what plain decoding refuses (a kept token past the last position); near the limit a
+    round's deep nodes sit past it, and what they decide is never emitted."""
     model = qwen3(True)
     limit = model.config.max_position_embeddings  # 512
-    head = random_head(model, layers=1, block=4, causal=True, seed=0)
-    gen = jetspec.SpeculativeGenerator(model, head, budget=8, width=2)  # depth 3
-    # The last round starts with prompt + max_new - 2 tokens cached and reaches depth 3 beyond them.
-    prompt = random_prompt(model, limit - 3 - 20 + 1, seed=1)
-    out = gen.generate(prompt, max_new_tokens=20)
-    assert out.sequences.tolist() == hf_greedy(model, prompt, 20).tolist()
-    with pytest.raises(ValueError, match="position"):
-        gen.generate(prompt, max_new_tokens=21)
-    plain = jetspec.SpeculativeGenerator(model, None, budget=1)
-    full = random_prompt(model, limit, seed=2)
-    assert plain.generate(full, max_new_tokens=1).sequences.shape[1] == limit + 1
-    with pytest.raises(ValueError, match="position"):
+    head = random_head(model, layers=1, block=8, causal=True, seed=0)
+    prompt = random_prompt(model, limit - 20, seed=1)
+    want = hf_greedy(model, prompt, 20)
+    oracle = OracleDrafter(want[0, prompt.shape[1]:].tolist(), depth=7, vocab_size=model.config.vocab_size)
+    for drafter in (head, oracle):  # the oracle's rounds commit whole chains up to the last position
+        gen = jetspec.SpeculativeGenerator(model, drafter, budget=16, width=2, mode=mode)
+        assert gen.generate(prompt, max_new_tokens=20).sequences.tolist() == want.tolist()
+        with pytest.raises(ValueError, match="positions"):
+            gen.generate(prompt, max_new_tokens=21)
+    plain = jetspec.SpeculativeGenerator(model, None, budget=1, mode=mode)
+    full = random_prompt(model, limit - 1, seed=2)
+    assert plain.generate(full, max_new_tokens=1).sequences.shape[1] == limit
+    with pytest.raises(ValueError, match="positions"):
         plain.generate(full, max_new_tokens=2)
-    with pytest.raises(ValueError, match="position"):
+    with pytest.raises(ValueError, match="positions"):
         plain.generate(random_prompt(model, limit + 1, seed=2), max_new_tokens=1)

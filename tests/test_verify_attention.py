@@ -13,6 +13,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 import jetspec
 from jetspec import ops
 from jetspec.heads import DraftHead, head_config_for
+from jetspec.layers import HostBatch
 from jetspec.runtime import Target
 from jetspec.ops import build_tree
 from jetspec.ops.tree import ancestor_mask
@@ -56,8 +57,9 @@ def test_verify_forward_takes_the_op_and_equals_the_reference(device, head_dim, 
         cache = target.new_cache(1, prefix + budget + 3)
         target.prefill(prompt, cache)
         with mock.patch.object(ops, "tree_attention", wraps=ops.tree_attention) as spy:
-            extra = dict(ancestors=tree.ancestors, prefix_len=tree.positions[:, 0]) if packed else {}
-            logits, _ = target.forward(tree.tokens, tree.positions, cache, prefix, visible, **extra)
+            mask = dict(ancestors=tree.ancestors) if packed else dict(visible=visible)
+            batch = HostBatch(cache=cache, prefix_len=tree.positions[:, 0], start=prefix, **mask)
+            logits, _ = target.forward(tree.tokens, tree.positions, batch)
         assert spy.call_count == (target.num_layers if packed else 0)
         caches.append((logits.float(), cache.data.float()))
     (op_logits, op_cache), (ref_logits, ref_cache) = caches

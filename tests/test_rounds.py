@@ -18,8 +18,8 @@ from jetspec.runtime import Target
 from jetspec.ops import build_tree
 
 from conftest import HAS_CUDA, requires_cuda
-from test_spec import greedy_sequence, hf_greedy, mid_round_eos, random_head, random_prompt
-from test_spec import qwen3 as cpu_qwen3
+from test_generator import greedy_sequence, hf_greedy, mid_round_eos, random_head, random_prompt
+from test_generator import qwen3 as cpu_qwen3
 
 #: the device modes on this machine (the device round runs eagerly on CPU too)
 MODES = ["device"] + (["graph"] if HAS_CUDA else [])
@@ -28,7 +28,7 @@ DEVICE = "cuda" if HAS_CUDA else "cpu"
 
 @functools.cache
 def qwen3(gqa: bool):
-    """test_spec's target on DEVICE (a copy: the CPU tests share theirs)."""
+    """test_generator's target on DEVICE (a copy: the CPU tests share theirs)."""
     return copy.deepcopy(cpu_qwen3(gqa)).to(DEVICE)
 
 
@@ -236,7 +236,7 @@ def test_draft_step_compiles_to_one_graph(causal):
 
 
 def bf16_pair():
-    from test_spec_tree_attention import qwen3_model
+    from test_verify_attention import qwen3_model
     model = qwen3_model(128, torch.bfloat16, torch.device("cuda"))
     torch.manual_seed(3)
     head = jetspec.DraftHead(jetspec.heads.head_config_for(model.config, num_layers=1, block_size=8, causal=True,
