@@ -34,9 +34,8 @@ import warnings
 import torch
 
 from jetspec import SpeculativeGenerator
-from jetspec.runtime import DeviceRound
-from jetspec.runtime import HeadDrafter, OracleDrafter
-from jetspec.runtime import Target
+from jetspec.runtime import DeviceRound, HeadDrafter, OracleDrafter, Target
+from jetspec.runtime.budget import TreeShape
 
 from .bench_e2e import PROMPT, random_pair, timed_hf_generate
 from .harness import Ceilings, Timer
@@ -70,20 +69,20 @@ def _replay_times(graphs: list[tuple[str, torch.cuda.CUDAGraph]], rounds: Device
     return {name: statistics.median(v) for name, v in times.items()}
 
 
-def _eager_round_us(rounds: DeviceRound) -> float:
+def _eager_round_us(rounds: DeviceRound, shape: TreeShape) -> float:
     times = []
     with rounds.rewound():
         for _ in range(ROUNDS):
             start, end = _events()
             start.record()
-            rounds.step()
+            rounds.step(shape)
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end) * 1e3)
     return statistics.median(times)
 
 
-def _sync_counts(rounds: DeviceRound, graph: torch.cuda.CUDAGraph) -> dict:
+def _sync_counts(rounds: DeviceRound, shape: TreeShape, graph: torch.cuda.CUDAGraph) -> dict:
     with rounds.rewound():
         torch.cuda.synchronize()
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
@@ -98,7 +97,7 @@ def _sync_counts(rounds: DeviceRound, graph: torch.cuda.CUDAGraph) -> dict:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 for _ in range(3):
-                    rounds.step()
+                    rounds.step(shape)
         finally:
             torch.cuda.set_sync_debug_mode("default")
     return {"replays": 10, "graph_launches": names.count("cudaGraphLaunch"), "syncing_calls": len(syncing),
@@ -143,10 +142,11 @@ def run(timer: Timer, ceil: Ceilings) -> list[dict]:
         host_tokens, host_stats = _generate(model, drafter, budget, width, "host", prompt)
 
         device_drafter = HeadDrafter(head, target) if label == "random head" else drafter
-        rounds = DeviceRound(target, device_drafter, budget, width, depth, capacity=4096)
+        rounds = DeviceRound(target, device_drafter, depth, width, capacity=4096)
+        shape = TreeShape(budget, width)
         rounds.prefill(prompt)
-        phase_us = _replay_times(rounds.capture_phases(), rounds)
-        whole = rounds.capture()
+        phase_us = _replay_times(rounds.capture_phases(shape), rounds)
+        whole = rounds.capture(shape)
         round_us = _replay_times([("round", whole)], rounds)["round"]
         row = {
             "config": label, "budget": budget, "width": width, "depth": depth,
@@ -155,9 +155,9 @@ def run(timer: Timer, ceil: Ceilings) -> list[dict]:
             "host_tok_s": host_stats.tokens_per_second, "graph_vs_host": graph_stats.tokens_per_second
             / host_stats.tokens_per_second,
             "round_us": round_us, "phase_us": phase_us, "phase_sum_us": sum(phase_us.values()),
-            "eager_round_us": _eager_round_us(rounds),
+            "eager_round_us": _eager_round_us(rounds, shape),
             "host_round_us": host_stats.wall_seconds / max(host_stats.rounds, 1) * 1e6,
-            "syncs": _sync_counts(rounds, whole),
+            "syncs": _sync_counts(rounds, shape, whole),
             "graph_same_as_host": graph_tokens == host_tokens, "graph_same_as_hf": graph_tokens == reference,
             "first_divergence_vs_hf": next((i for i, (a, b) in enumerate(zip(graph_tokens, reference)) if a != b),
                                            None),

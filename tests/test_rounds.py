@@ -12,9 +12,8 @@ import pytest
 import torch
 
 import jetspec
-from jetspec.runtime import ROUND_PHASES, DeviceRound
-from jetspec.runtime import Drafter, HeadDrafter, OracleDrafter
-from jetspec.runtime import Target
+from jetspec.runtime import ROUND_PHASES, DeviceRound, Drafter, HeadDrafter, OracleDrafter, Target
+from jetspec.runtime.budget import TreeShape
 from jetspec.ops import build_tree
 
 from conftest import HAS_CUDA, requires_cuda
@@ -196,15 +195,16 @@ def test_rewound_rounds_leave_the_state_as_it_was():
     prompt = random_prompt(model, 20, seed=4).to(DEVICE)
     results = []
     for warm_up in (False, True):
-        rounds = DeviceRound(target, HeadDrafter(head, target), budget=16, width=2, depth=7, capacity=1024)
+        rounds = DeviceRound(target, HeadDrafter(head, target), depth=7, widest=2, capacity=1024)
+        shape = TreeShape(16, 2)
         rounds.prefill(prompt)
         if warm_up:
             with rounds.rewound():
-                rounds.step()
-                rounds.step()
+                rounds.step(shape)
+                rounds.step(shape)
             assert int(rounds.n) == 20
-        rounds.step()
-        rounds.step()
+        rounds.step(shape)
+        rounds.step(shape)
         results.append((rounds.result.tolist(), int(rounds.n), int(rounds.anchor)))
     assert results[0] == results[1]
 
@@ -264,19 +264,20 @@ def test_no_host_sync_inside_a_round():
     CUDA-runtime calls of graph replays in the profiler: kernel launches and no synchronisation."""
     model, head = bf16_pair()
     target = Target(model)
-    rounds = DeviceRound(target, HeadDrafter(head, target), budget=32, width=4, depth=7, capacity=1024)
+    rounds = DeviceRound(target, HeadDrafter(head, target), depth=7, widest=4, capacity=1024)
+    shape = TreeShape(32, 4)
     rounds.prefill(torch.randint(0, 159, (1, 40), generator=torch.Generator().manual_seed(2)).cuda())
-    rounds.step()  # first calls (lazy init, allocator growth) outside the check
+    rounds.step(shape)  # first calls (lazy init, allocator growth) outside the check
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for _ in range(3):
-            rounds.step()
+            rounds.step(shape)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        rounds.step()
+        rounds.step(shape)
     torch.cuda.synchronize()
     # CPU activity only: tracing CUDA activity makes the profiler synchronise itself.
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:

@@ -7,12 +7,10 @@ import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from jetspec import SpeculativeGenerator, load_head
-from jetspec.training import matched_depth, replay_acceptance
-from jetspec.runtime import HeadDrafter
 from jetspec.heads import DraftHead, head_config_for
-from jetspec.runtime import Target
+from jetspec.runtime import HeadDrafter, Target
 from jetspec.training import (HeadTrainer, TrainConfig, TrainingSequence, block_mask, evaluate_acceptance,
-                           load_sequences, save_sequences, self_distill)
+                              load_sequences, matched_depth, replay_acceptance, save_sequences, self_distill)
 
 VOCAB = 96
 

@@ -20,6 +20,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..settings import cache_root
+
 _PIP_TIMEOUT_S = 900
 
 
@@ -41,12 +43,6 @@ class Wheel:
 
 class WheelUnavailable(RuntimeError):
     """The wheel is not cached and could not be downloaded (offline, or the index refused)."""
-
-
-def cache_root() -> Path:
-    """``$JETSPEC_CACHE`` if set and non-empty, else ``~/.cache/jetspec``."""
-    root = os.environ.get("JETSPEC_CACHE")
-    return Path(root).expanduser() if root else Path.home() / ".cache" / "jetspec"
 
 
 def sha256_of(path: Path) -> str:

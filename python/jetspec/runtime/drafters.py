@@ -40,9 +40,21 @@ class Drafter(ABC):
         """Top-``width`` candidates for depths 1..depth after ``anchor`` ``[B]``:
         full-vocabulary log-probs ``[B, depth, width]`` float32 (descending) and ids int64."""
 
-    # The device round (jetspec.runtime.rounds.DeviceRound) keeps the committed length on the device as ``length``
-    # ``[B]`` int64 and calls these instead of extend/propose; nothing in them may read a device value
-    # back, so that a CUDA graph can replay them. A drafter that has them sets ``on_device``.
+    #: committed positions the drafter has taken on the host (its own bookkeeping; 0 if it keeps none)
+    length: int = 0
+
+    def state(self) -> object:
+        """What :meth:`restore` needs to undo rounds run after it (calibration and warm-up rounds): the
+        drafter's host-side position; rows it wrote past it are overwritten later."""
+        return self.length
+
+    def restore(self, state: object) -> None:
+        """Return to :meth:`state`'s ``state``."""
+        self.length = state
+
+    # The device round (jetspec.runtime.rounds.DeviceRound) keeps the committed length on the device as
+    # ``length`` ``[B]`` int64 and calls these instead of extend/propose; nothing in them may read a device
+    # value back, so that a CUDA graph can replay them. A drafter that has them sets ``on_device``.
 
     #: whether the drafter implements draft_at, candidates_at and extend_at
     on_device: bool = False

@@ -11,13 +11,18 @@ from __future__ import annotations
 
 import contextlib
 import time
-from typing import Iterator, Literal, Sequence
+from collections import deque
+from pathlib import Path
+from typing import Callable, Iterator, Literal, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from .. import ops
 from ..heads import DraftHead
+from ..settings import cache_root
+from .budget import (CANDIDATE_BUDGETS, CANDIDATE_WIDTHS, BudgetChooser, CostTable, TreeShape, calibrate,
+                     calibration_key, candidate_shapes, device_name)
 from .drafters import Drafter, HeadDrafter
 from .results import Emitter, GenerationOutput, GenerationStats, Results, TokenStream, stop_tokens
 from .rounds import DeviceRound, HostRound, Round
@@ -37,42 +42,59 @@ class SpeculativeGenerator:
     Args:
         model: an HF decoder-only ``*ForCausalLM`` (Qwen3, Qwen2, Llama, ...).
         drafter: a :class:`~jetspec.heads.DraftHead` (JetSpec or DFlash; moved in place to the target's
-            device and dtype), any :class:`Drafter`, or None for plain autoregressive decoding (then
-            ``budget`` must be 1).
-        budget: tree nodes per round, root included (1 = autoregressive).
-        width: candidates per depth (1 = chain drafting).
+            device and dtype), any :class:`Drafter`, or None for plain autoregressive decoding.
+        budget: tree nodes per round, root included (1 = plain decoding), or ``"auto"`` (the default):
+            each round picks its tree among :data:`~jetspec.runtime.budget.CANDIDATE_BUDGETS` from the
+            round's measured cost and the draft's confidence (:mod:`jetspec.runtime.budget`); the costs are
+            measured on first use and cached per device, model shape, dtype and mode (:meth:`calibrate`).
+        width: candidates per depth (1 = chain drafting); default 8, or with ``budget="auto"`` chosen among
+            :data:`~jetspec.runtime.budget.CANDIDATE_WIDTHS`.
         depth: deepest tree depth (default: the drafter's, i.e. the head's block size - 1).
         profile: synchronise the device around phases so ``phase_seconds`` are exact (slower; not with
             ``mode="graph"``, whose phases run inside one graph: ``bench/bench_round.py`` times them).
         mode: ``"host"``, ``"device"`` or ``"graph"`` (module docstring). Default: ``"graph"`` for a bf16/fp16
             target on CUDA with a draft head (or none), else ``"host"``. The device modes take a
             :class:`~jetspec.heads.DraftHead`, a drafter with ``on_device``, or None.
+        calibration_dir: where cost calibrations are cached (default: ``<cache root>/calibration``, the cache
+            root being ``$JETSPEC_CACHE`` or ``~/.cache/jetspec``).
     """
 
-    def __init__(self, model: nn.Module, drafter: DraftHead | Drafter | None = None, *, budget: int = 64,
-                 width: int = 8, depth: int | None = None, profile: bool = False, mode: Mode | None = None) -> None:
+    def __init__(self, model: nn.Module, drafter: DraftHead | Drafter | None = None, *,
+                 budget: int | Literal["auto"] = "auto", width: int | None = None, depth: int | None = None,
+                 profile: bool = False, mode: Mode | None = None, calibration_dir: str | Path | None = None) -> None:
         self.target = Target(model)
         if isinstance(drafter, DraftHead):
             drafter = HeadDrafter(drafter, self.target)
-        if not _is_int(budget) or not 1 <= budget <= MAX_BUDGET:
-            raise ValueError(f"jetspec: budget (tree nodes incl. the root) must be an integer in [1, {MAX_BUDGET}] "
-                             f"(the ops' node limit), got {budget!r}")
-        if not _is_int(width) or width < 1:
+        auto = budget == "auto"
+        if not auto and (not _is_int(budget) or not 1 <= budget <= MAX_BUDGET):
+            raise ValueError(f"jetspec: budget (tree nodes incl. the root) must be 'auto' or an integer in "
+                             f"[1, {MAX_BUDGET}] (the ops' node limit), got {budget!r}")
+        if width is not None and (not _is_int(width) or width < 1):
             raise ValueError(f"jetspec: width (candidates per depth) must be an integer >= 1, got {width!r}")
-        if budget > 1 and drafter is None:
+        if not auto and budget > 1 and drafter is None:
             raise ValueError("jetspec: a budget above 1 needs a drafter (a draft head)")
         max_depth = drafter.depth if drafter is not None else 0
         if depth is not None and not (_is_int(depth) and 1 <= depth <= max_depth):
             raise ValueError(f"jetspec: depth must be an integer in [1, {max_depth}] for this drafter, got {depth!r}")
-        self.drafter = drafter if budget > 1 else None
-        self.budget = budget
-        self.width = width
-        self.depth = min(depth or max_depth, budget - 1)
+        if drafter is None or budget == 1:
+            self.shapes = [TreeShape(1, 1)]
+        elif auto:
+            self.shapes = candidate_shapes(CANDIDATE_BUDGETS, (width,) if width else CANDIDATE_WIDTHS,
+                                           depth or max_depth)
+        else:
+            self.shapes = [TreeShape(budget, width or 8)]
+        largest = max(s.budget for s in self.shapes)
+        self.drafter = drafter if largest > 1 else None
+        self.budget, self.auto = budget, auto and len(self.shapes) > 1
+        self.width = max(s.width for s in self.shapes)
+        self.depth = min(depth or max_depth, largest - 1)
         self.profile = profile
         self.mode = self._pick_mode(mode)
-        # mode "device"/"graph": the round (reused while its capacity fits), its graph, and the head cache the
-        # graph was captured with (a drafter given a new cache needs a new graph)
-        self._device_round: tuple[DeviceRound, torch.cuda.CUDAGraph | None, object] | None = None
+        self.calibration_dir = Path(calibration_dir) if calibration_dir is not None else cache_root() / "calibration"
+        self.costs: dict[TreeShape, float] | None = None  # budget="auto": seconds per round of each shape
+        # mode "device"/"graph": the round (reused while its capacity fits), its graphs per tree shape, and
+        # the head cache they were captured with (a drafter given a new cache needs new graphs)
+        self._device_round: tuple[DeviceRound, dict[TreeShape, torch.cuda.CUDAGraph], object] | None = None
 
     def _pick_mode(self, mode: Mode | None) -> Mode:
         on_device = self.drafter is None or self.drafter.on_device
@@ -148,57 +170,107 @@ class SpeculativeGenerator:
         start = time.perf_counter()
         emit = Emitter(eos, max_new_tokens)
         with self._phase("prefill", stats):
-            rounds, graph = self._round(prompt, max_new_tokens)
+            chooser = BudgetChooser(self.calibrate(), self.depth) if self.auto else None
+            rounds, graphs = self._round(prompt.shape[1] + max_new_tokens)
+            rounds.prefill(prompt)
         out, done = emit([int(rounds.anchor)])
         self._account(stats, start, out, committed=None)
         yield out
 
-        results = Results(rounds.result)
+        results = Results(rounds.result, rounds.draft)
+        launched: deque[TreeShape] = deque()
         in_flight = 1 if rounds.synchronous else 2
 
         def launch() -> None:
-            if graph is not None:
-                graph.replay()
+            shape = chooser.choose() if chooser is not None else self.shapes[0]
+            if graphs:
+                graphs[shape].replay()
             else:
-                rounds.step(lambda name: self._phase(name, stats))
+                rounds.step(shape, lambda name: self._phase(name, stats))
             results.push()
+            launched.append(shape)
 
         launch()
         while not done:
             # Another round is never wasted work while the rounds in flight cannot reach max_new_tokens.
             if len(results) < in_flight and emit.count + (self.depth + 1) * len(results) < max_new_tokens:
                 launch()
-            committed = results.pop()
+            result, draft = results.pop()
+            shape = launched.popleft()
+            committed = result[1:1 + int(result[0])].tolist()
+            if chooser is not None:
+                chooser.observe(shape, draft.tolist() if shape.budget > 1 else None, len(committed))
+            stats.trees.append(str(shape))
             out, done = emit(committed)
             self._account(stats, start, out, committed=len(committed))
             yield out
             if not done and not len(results):
                 launch()
 
-    def _round(self, prompt: Tensor, max_new_tokens: int) -> tuple[Round, torch.cuda.CUDAGraph | None]:
-        """A round prefilled with ``prompt``, and in mode "graph" its CUDA graph. Mode "host": a round whose
-        cache fits this generation exactly. Otherwise the device round whose capacity bucket fits it (made,
-        and captured, on first use; reused after): the prompt, the new tokens, and the slots two rounds in
-        flight may write past them, rounded up to a power of two (one graph serves many lengths)."""
+    def _round(self, tokens: int) -> tuple[Round, dict[TreeShape, torch.cuda.CUDAGraph]]:
+        """A round for a generation of ``tokens`` positions, and in mode "graph" its CUDA graph per tree shape
+        (captured on the first prefill). Mode "host": a round whose cache fits this generation exactly.
+        Otherwise the device round whose capacity bucket fits it (made on first use, reused after): the
+        tokens and the slots two rounds in flight may write past them, rounded up to a power of two (one
+        set of graphs serves many lengths)."""
+        largest = max(s.budget for s in self.shapes)
         if self.mode == "host":
-            rounds = HostRound(self.target, self.drafter, self.budget, self.width, self.depth,
-                               prompt.shape[1] + max_new_tokens + self.budget)
-            rounds.prefill(prompt)
-            return rounds, None
+            return HostRound(self.target, self.drafter, self.depth, self.width, tokens + largest), {}
         block = self.drafter.depth + 1 if self.drafter is not None else 1  # a head's block: anchor + depths
-        need = prompt.shape[1] + max_new_tokens + 2 * (self.budget + block + self.depth + 2)
+        need = tokens + 2 * (largest + block + self.depth + 2)
         capacity = max(1024, 1 << (need - 1).bit_length())
         if self._device_round is None or self._device_round[0].capacity != capacity:
-            self._device_round = None  # free the old caches and graph first
-            self._device_round = (DeviceRound(self.target, self.drafter, self.budget, self.width, self.depth,
-                                              capacity), None, None)
-        rounds, graph, captured_with = self._device_round
-        rounds.prefill(prompt)
+            self._device_round = None  # free the old caches and graphs first
+            self._device_round = (DeviceRound(self.target, self.drafter, self.depth, self.width, capacity), {}, None)
+        rounds, graphs, captured_with = self._device_round
         context = getattr(self.drafter, "context", None)
-        if self.mode == "graph" and (graph is None or captured_with is not context):
-            graph = rounds.capture()
-            self._device_round = (rounds, graph, context)
-        return rounds, graph
+        if self.mode == "graph" and (not graphs or captured_with is not context):
+            # Graphs replay a prefilled state's buffers: capture them after a prefill (of any prompt).
+            rounds.prefill(self._calibration_prompt())
+            context = getattr(self.drafter, "context", None)
+            graphs = {shape: rounds.capture(shape) for shape in self.shapes}
+            self._device_round = (rounds, graphs, context)
+        return rounds, graphs
+
+    # -- budget="auto" --------------------------------------------------------------------------
+
+    def calibrate(self, force: bool = False, progress: bool = True) -> dict[TreeShape, float]:
+        """Seconds per round of each tree shape ``budget="auto"`` chooses among, in this generator's mode:
+        read from the cache, or measured (a few rounds of each shape, on a fixed 128-token prompt) and
+        cached; ``force`` measures again."""
+        about = self._calibration_facts()
+        table = CostTable(self.calibration_dir, calibration_key(about))
+        costs = None if force else (self.costs or table.load())
+        if costs is None or not set(self.shapes) <= set(costs):
+            rounds, graphs = self._round(128 + 1)
+            rounds.prefill(self._calibration_prompt())
+
+            def one_round(shape: TreeShape) -> Callable[[], None]:
+                def run() -> None:
+                    with rounds.rewound():
+                        graphs[shape].replay() if graphs else rounds.step(shape)
+                return run
+
+            costs = calibrate(one_round, self.shapes, self.target.device, progress=progress)
+            table.save(costs, about)
+        self.costs = costs
+        return costs
+
+    def _calibration_prompt(self) -> Tensor:
+        return (torch.arange(128, device=self.target.device) * 7919 % self.target.vocab_size).view(1, -1)
+
+    def _calibration_facts(self) -> dict:
+        config = self.target.config
+        head = getattr(getattr(self.drafter, "head", None), "spec", None)
+        return {
+            "device": device_name(self.target.device), "dtype": str(self.target.dtype), "mode": self.mode,
+            "model": {k: getattr(config, k, None) for k in ("model_type", "num_hidden_layers", "hidden_size",
+                                                              "intermediate_size", "num_attention_heads",
+                                                              "num_key_value_heads", "vocab_size")},
+            "head": None if head is None else [head.num_layers, head.hidden_size, head.block_size],
+            "drafter": type(self.drafter).__name__, "depth": self.depth,
+            "torch": torch.__version__, "jetspec_with_cuda": ops.WITH_CUDA,
+        }
 
     def _account(self, stats: GenerationStats, start: float, out: list[int], committed: int | None) -> None:
         stats.new_tokens += len(out)

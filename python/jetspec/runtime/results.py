@@ -5,7 +5,7 @@ behind)."""
 from __future__ import annotations
 
 import numbers
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Iterator
 
@@ -26,6 +26,8 @@ class GenerationStats:
     new_tokens: int = 0
     rounds: int = 0
     accept_lengths: list[int] = field(default_factory=list)
+    #: the tree of each round as "budget x width" (plain decoding: "1"), e.g. for budget="auto"
+    trees: list[str] = field(default_factory=list)
     phase_seconds: dict[str, float] = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
     wall_seconds: float = 0.0
 
@@ -37,10 +39,15 @@ class GenerationStats:
     def tokens_per_second(self) -> float:
         return self.new_tokens / self.wall_seconds if self.wall_seconds > 0 else 0.0
 
+    def tree_histogram(self) -> dict[str, int]:
+        """Rounds per tree shape, most used first."""
+        return dict(Counter(self.trees).most_common())
+
     def summary(self) -> str:
         phases = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in self.phase_seconds.items() if v > 0)
+        trees = ", ".join(f"{tree}: {count}" for tree, count in self.tree_histogram().items())
         return (f"{self.new_tokens} tokens in {self.rounds} rounds, tau {self.mean_accept_length:.2f}, "
-                f"{self.tokens_per_second:.1f} tok/s ({phases})")
+                f"{self.tokens_per_second:.1f} tok/s (trees {trees}; {phases})")
 
 
 @dataclass
@@ -100,13 +107,14 @@ class Emitter:
 
 
 class Results:
-    """Device round results (``[count, tokens...]``) copied to the host without blocking, oldest first:
-    two pinned buffers, so that the host reads one round while the next one runs."""
+    """A round's outputs (device tensors every round rewrites, e.g. ``[count, tokens...]``) copied to the
+    host without blocking, oldest first: two sets of pinned buffers, so that the host reads one round's
+    while the next round runs."""
 
-    def __init__(self, result: Tensor) -> None:
-        self.result = result
-        cuda = result.device.type == "cuda"
-        self.buffers = [torch.empty(result.shape, dtype=result.dtype, pin_memory=cuda) for _ in range(2)]
+    def __init__(self, *outputs: Tensor) -> None:
+        self.outputs = outputs
+        cuda = outputs[0].device.type == "cuda"
+        self.buffers = [[torch.empty(t.shape, dtype=t.dtype, pin_memory=cuda) for t in outputs] for _ in range(2)]
         self.events = [torch.cuda.Event() if cuda else None for _ in range(2)]
         self.pending: deque[int] = deque()
         self.next = 0
@@ -117,15 +125,15 @@ class Results:
     def push(self) -> None:
         """Queue a copy of the round just launched."""
         i, self.next = self.next, 1 - self.next
-        self.buffers[i].copy_(self.result, non_blocking=True)
+        for buffer, output in zip(self.buffers[i], self.outputs):
+            buffer.copy_(output, non_blocking=True)
         if self.events[i] is not None:
             self.events[i].record()
         self.pending.append(i)
 
-    def pop(self) -> list[int]:
-        """The committed tokens of the oldest round queued (waits for it)."""
+    def pop(self) -> list[Tensor]:
+        """Host copies of the outputs of the oldest round queued (waits for it)."""
         i = self.pending.popleft()
         if self.events[i] is not None:
             self.events[i].synchronize()
-        result = self.buffers[i]
-        return result[1:1 + int(result[0])].tolist()
+        return [buffer.clone() for buffer in self.buffers[i]]

@@ -37,6 +37,7 @@ from .. import ops
 from ..layers.attention import DeviceBatch, HostBatch, TreeBatch
 from ..layers.cache import KVCache
 from ..ops.tree import root_only
+from .budget import TreeShape
 from .drafters import Drafter
 from .target import Target
 
@@ -53,18 +54,18 @@ class Round:
 
     Args:
         target: the target model.
-        drafter: the drafter, or None for plain decoding (``budget`` 1).
-        budget, width, depth: the tree (nodes incl. the root, candidates per depth, deepest depth).
+        drafter: the drafter, or None for plain decoding (every round's shape then has budget 1).
+        depth: the deepest tree depth (the accepted path holds at most ``depth + 1`` nodes).
+        widest: the most candidates per depth any round's shape takes (the drafter's top-K).
         capacity: cache slots; every round must fit (``n + budget`` and ``n + block_size`` below it).
     """
 
     #: whether :meth:`step` has finished on the device when it returns (the host waited for it)
     synchronous: bool
 
-    def __init__(self, target: Target, drafter: Drafter | None, budget: int, width: int, depth: int,
-                 capacity: int) -> None:
+    def __init__(self, target: Target, drafter: Drafter | None, depth: int, widest: int, capacity: int) -> None:
         self.target, self.drafter = target, drafter
-        self.budget, self.width, self.depth = budget, width, depth
+        self.depth, self.widest = depth, widest
         self.capacity = capacity
         self.cache: KVCache = target.new_cache(1, capacity)
         device = target.device
@@ -72,9 +73,10 @@ class Round:
         self.anchor = torch.zeros(1, dtype=torch.long, device=device)  # last committed token, in no cache yet
         # After a round: [count, token 1, ..., token count] = its committed tokens (accepted + bonus).
         self.result = torch.zeros(depth + 2, dtype=torch.long, device=device)
+        # After a drafted round: its draft's top-K log-probs [depth, widest] (what budget="auto" reads).
+        self.draft = torch.zeros(depth, widest, dtype=torch.float32, device=device)
         self.taps = drafter.tap_layers if drafter is not None else ()
-        if drafter is None:
-            self.tree = root_only(self.anchor, self.n)  # views of anchor and n: valid every round
+        self.root = root_only(self.anchor, self.n)  # plain decoding's tree: views of anchor and n
 
     @torch.no_grad()
     def prefill(self, prompt: Tensor) -> Tensor:
@@ -87,30 +89,56 @@ class Round:
         return self.anchor
 
     @torch.no_grad()
-    def step(self, phase: Phase = lambda _: contextlib.nullcontext()) -> None:
-        """One round; ``phase(name)`` wraps each phase (e.g. to time it)."""
-        for name, run in self.phases():
+    def step(self, shape: TreeShape, phase: Phase = lambda _: contextlib.nullcontext()) -> None:
+        """One round of tree ``shape``; ``phase(name)`` wraps each phase (e.g. to time it)."""
+        for name, run in self.phases(shape):
             with phase(name):
                 run()
 
-    def phases(self) -> list[tuple[str, Callable[[], None]]]:
+    def phases(self, shape: TreeShape) -> list[tuple[str, Callable[[], None]]]:
         """The round as ``(name, callable)`` pairs, each reading what the previous ones left in ``self``."""
         steps = [("verify", self._verify), ("accept", self._accept), ("compact", self._compact)]
-        return steps if self.drafter is None else self._drafting() + [("build", self._build)] + steps
+        if shape.budget == 1:
+            return [("build", self._plain)] + steps
+        return self._drafting() + [("build", lambda: self._build(shape))] + steps
+
+    @contextlib.contextmanager
+    def rewound(self) -> Iterator[None]:
+        """Rounds run inside the block leave the state as it was: they only write cache slots at or past
+        ``n``, and ``n``, the anchor and the drafter's own state are restored after them (warm-ups,
+        calibration, timing runs)."""
+        saved = self.n.clone(), self.anchor.clone(), self._host_state()
+        try:
+            yield
+        finally:
+            self.n.copy_(saved[0])
+            self.anchor.copy_(saved[1])
+            self._restore_host_state(saved[2])
+
+    def _host_state(self) -> object:
+        return self.drafter.state() if self.drafter is not None else None
+
+    def _restore_host_state(self, state: object) -> None:
+        if self.drafter is not None:
+            self.drafter.restore(state)
 
     # -- the phases ------------------------------------------------------------------------------
 
     def _drafting(self) -> list[tuple[str, Callable[[], None]]]:
-        """The phases that leave ``self.logprobs`` and ``self.ids`` ``[1, depth, width]``."""
+        """The phases that leave ``self.logprobs`` and ``self.ids`` ``[1, depth, widest]``."""
         raise NotImplementedError
 
     def _batch(self) -> TreeBatch:
         """The verify forward's view of the cache."""
         raise NotImplementedError
 
-    def _build(self) -> None:
-        self.tree = ops.build_tree(self.logprobs[:, :self.depth], self.ids[:, :self.depth], self.anchor, self.n,
-                                   self.budget)
+    def _plain(self) -> None:
+        self.tree = self.root
+
+    def _build(self, shape: TreeShape) -> None:
+        self.draft.copy_(self.logprobs[0, :self.depth])
+        self.tree = ops.build_tree(self.logprobs[:, :self.depth, :shape.width], self.ids[:, :self.depth, :shape.width],
+                                   self.anchor, self.n, shape.budget)
 
     def _verify(self) -> None:
         logits, self.tapped = self.target.forward(self.tree.tokens, self.tree.positions, self._batch(), self.taps)
@@ -151,7 +179,14 @@ class HostRound(Round):
         return [("draft", self._draft)]
 
     def _draft(self) -> None:
-        self.logprobs, self.ids = self.drafter.propose(self.anchor, self.width)
+        self.logprobs, self.ids = self.drafter.propose(self.anchor, self.widest)
+
+    def _host_state(self) -> object:
+        return self.length, super()._host_state()
+
+    def _restore_host_state(self, state: object) -> None:
+        self.length, drafter_state = state
+        super()._restore_host_state(drafter_state)
 
     def _batch(self) -> TreeBatch:
         return HostBatch(cache=self.cache, prefix_len=self.n, start=self.length, ancestors=self.tree.ancestors)
@@ -170,25 +205,14 @@ class DeviceRound(Round):
 
     synchronous = False
 
-    @contextlib.contextmanager
-    def rewound(self) -> Iterator[None]:
-        """Rounds run inside the block leave the state as it was: they only write cache slots at or past
-        ``n``, and ``n`` and the anchor are restored after them (warm-ups, timing runs)."""
-        saved = self.n.clone(), self.anchor.clone()
-        try:
-            yield
-        finally:
-            self.n.copy_(saved[0])
-            self.anchor.copy_(saved[1])
+    def capture(self, shape: TreeShape) -> torch.cuda.CUDAGraph:
+        """A CUDA graph of one whole round of ``shape`` (replay it for each round); the state is left as it was."""
+        return self.capture_phases(shape, whole=True)[0][1]
 
-    def capture(self) -> torch.cuda.CUDAGraph:
-        """A CUDA graph of one whole round (replay it for each round); the state is left as it was."""
-        return self.capture_phases(whole=True)[0][1]
-
-    def capture_phases(self, whole: bool = False) -> list[tuple[str, torch.cuda.CUDAGraph]]:
-        """One CUDA graph per phase, to replay in order (a round whose phases can be timed apart), or with
-        ``whole`` a single ``("round", graph)``. Warm-up rounds run first (on a side stream, as
-        :func:`torch.cuda.graph` asks), :meth:`rewound`, so the prefilled state is unchanged."""
+    def capture_phases(self, shape: TreeShape, whole: bool = False) -> list[tuple[str, torch.cuda.CUDAGraph]]:
+        """One CUDA graph per phase of a round of ``shape``, to replay in order (a round whose phases can be
+        timed apart), or with ``whole`` a single ``("round", graph)``. Warm-up rounds run first (on a side
+        stream, as :func:`torch.cuda.graph` asks), :meth:`rewound`, so the prefilled state is unchanged."""
         device = self.n.device
         graphs = []
         with self.rewound():
@@ -196,9 +220,9 @@ class DeviceRound(Round):
             side.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(side):
                 for _ in range(2):
-                    self.step()
+                    self.step(shape)
             torch.cuda.current_stream(device).wait_stream(side)
-            for name, run in [("round", self.step)] if whole else self.phases():
+            for name, run in [("round", lambda: self.step(shape))] if whole else self.phases(shape):
                 graph = torch.cuda.CUDAGraph()
                 with torch.no_grad(), torch.cuda.graph(graph):
                     run()
@@ -212,7 +236,7 @@ class DeviceRound(Round):
         self.drafted = self.drafter.draft_at(self.anchor, self.n)
 
     def _topk(self) -> None:
-        self.logprobs, self.ids = self.drafter.candidates_at(self.drafted, self.width)
+        self.logprobs, self.ids = self.drafter.candidates_at(self.drafted, self.widest)
 
     def _batch(self) -> TreeBatch:
         return DeviceBatch(cache=self.cache, prefix_len=self.n, ancestors=self.tree.ancestors)
