@@ -11,12 +11,13 @@ from pathlib import Path
 
 import torch
 
-from . import (bench_accept_greedy, bench_build_tree, bench_draft_topk, bench_e2e, bench_kv_compact, bench_round,
-               bench_tree_attention)
+from . import (bench_accept_greedy, bench_accept_sample, bench_budget, bench_build_tree, bench_draft_topk, bench_e2e, bench_kv_compact, bench_round,
+               bench_rms_norm, bench_skinny_gemm, bench_tree_attention)
 from .harness import Ceilings, Timer, device_info, print_table, write_results
 
-BENCHMARKS = {"accept_greedy": bench_accept_greedy, "build_tree": bench_build_tree, "draft_topk": bench_draft_topk, "e2e": bench_e2e,
-              "kv_compact": bench_kv_compact, "round": bench_round, "tree_attention": bench_tree_attention}
+BENCHMARKS = {"accept_greedy": bench_accept_greedy, "accept_sample": bench_accept_sample, "budget": bench_budget, "build_tree": bench_build_tree, "draft_topk": bench_draft_topk, "e2e": bench_e2e,
+              "kv_compact": bench_kv_compact, "rms_norm": bench_rms_norm, "round": bench_round,
+              "skinny_gemm": bench_skinny_gemm, "tree_attention": bench_tree_attention}
 
 
 def main() -> None:

@@ -17,10 +17,12 @@
 //   own prediction at its end is still exactly what greedy decoding would emit.
 //   Committed tokens this round: tokens[accepted[1:accept_len]] followed by bonus.
 //
+// All tensors share one device, and no output shares memory with another argument.
 // The CPU kernel validates the tree and raises on a malformed one; the CUDA kernel cannot
 // raise without a host sync and treats an out-of-range parent as a non-matching node.
 #include <torch/library.h>
 
+#include <limits>
 #include <vector>
 
 #include "checks.h"
@@ -37,14 +39,12 @@ constexpr const char* kOp = "accept_greedy";
 void check_args(const at::Tensor& tokens, const at::Tensor& parents, const at::Tensor& target_ids,
                 const at::Tensor& num_nodes, const at::Tensor& accepted, const at::Tensor& accept_len,
                 const at::Tensor& bonus) {
-  const std::pair<const at::Tensor*, const char*> all[] = {{&tokens, "tokens"},         {&parents, "parents"},
-                                                          {&target_ids, "target_ids"}, {&num_nodes, "num_nodes"},
-                                                          {&accepted, "accepted"},     {&accept_len, "accept_len"},
-                                                          {&bonus, "bonus"}};
-  for (const auto& [t, name] : all) {
-    check_dtype(kOp, *t, name, at::kLong);
-    check_device(kOp, *t, name, tokens, "tokens");
-  }
+  const Named all[] = {{&tokens, "tokens"},     {&parents, "parents"},       {&target_ids, "target_ids"},
+                       {&num_nodes, "num_nodes"}, {&accepted, "accepted"},     {&accept_len, "accept_len"},
+                       {&bonus, "bonus"}};
+  check_same_device(kOp, all);
+  check_no_overlap(kOp, {all[4], all[5], all[6]}, all);
+  for (const auto& [t, name] : all) check_dtype(kOp, *t, name, at::kLong);
   check_dim(kOp, tokens, "tokens", 2);
   const int64_t batch = tokens.size(0), nodes = tokens.size(1);
   TORCH_CHECK_VALUE(nodes >= 1, message(kOp, "a tree has at least its root node; 'tokens' has shape ", tokens.sizes()));
@@ -71,19 +71,24 @@ void accept_greedy_cpu(const at::Tensor& tokens, const at::Tensor& parents, cons
   const auto cnt = num_nodes.contiguous();
   const int64_t batch = tok.size(0), nodes = tok.size(1), max_accept = accepted.size(1);
   int64_t* acc = accepted.data_ptr<int64_t>();
+  // Every tree is checked before any output is written.
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t* p = par.data_ptr<int64_t>() + b * nodes;
+    const int64_t n = cnt.data_ptr<int64_t>()[b];
+    TORCH_CHECK_VALUE(1 <= n && n <= nodes, message(kOp, "num_nodes[", b, "] = ", n, " is outside [1, ", nodes, "]"));
+    TORCH_CHECK_VALUE(p[0] == -1, message(kOp, "parents[", b, ", 0] must be -1 (the root), got ", p[0]));
+    for (int64_t i = 1; i < n; ++i)
+      TORCH_CHECK_VALUE(0 <= p[i] && p[i] < i, message(kOp, "parents[", b, ", ", i, "] = ", p[i], " must be in [0, ", i, ")"));
+  }
   std::vector<int64_t> matching_child;
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t* t = tok.data_ptr<int64_t>() + b * nodes;
     const int64_t* p = par.data_ptr<int64_t>() + b * nodes;
     const int64_t* y = tgt.data_ptr<int64_t>() + b * nodes;
     const int64_t n = cnt.data_ptr<int64_t>()[b];
-    TORCH_CHECK_VALUE(1 <= n && n <= nodes, message(kOp, "num_nodes[", b, "] = ", n, " is outside [1, ", nodes, "]"));
-    TORCH_CHECK_VALUE(p[0] == -1, message(kOp, "parents[", b, ", 0] must be -1 (the root), got ", p[0]));
     matching_child.assign(n, -1);
-    for (int64_t i = 1; i < n; ++i) {
-      TORCH_CHECK_VALUE(0 <= p[i] && p[i] < i, message(kOp, "parents[", b, ", ", i, "] = ", p[i], " must be in [0, ", i, ")"));
+    for (int64_t i = 1; i < n; ++i)
       if (t[i] == y[p[i]]) matching_child[p[i]] = i;
-    }
     int64_t cur = 0, len = 1;
     acc[b * max_accept] = 0;
     while (len < max_accept && matching_child[cur] >= 0) {
@@ -102,6 +107,8 @@ void accept_greedy_cuda(const at::Tensor& tokens, const at::Tensor& parents, con
   check_args(tokens, parents, target_ids, num_nodes, accepted, accept_len, bonus);
   TORCH_CHECK_VALUE(tokens.size(1) <= cuda::kAcceptMaxNodes,
                     message(kOp, "trees of up to ", cuda::kAcceptMaxNodes, " nodes are supported on CUDA, got ", tokens.size(1)));
+  TORCH_CHECK_VALUE(tokens.size(0) <= std::numeric_limits<int32_t>::max(),
+                    message(kOp, "CUDA takes up to 2^31 - 1 trees (one block each), got 'tokens' shape ", tokens.sizes()));
   const c10::cuda::CUDAGuard guard(tokens.device());
   const auto tok = tokens.contiguous(), par = parents.contiguous(), tgt = target_ids.contiguous();
   const auto cnt = num_nodes.contiguous();
@@ -120,6 +127,8 @@ TORCH_LIBRARY_FRAGMENT(jetspec, m) {
       "accept_greedy(Tensor tokens, Tensor parents, Tensor target_ids, Tensor num_nodes, "
       "Tensor(a!) accepted, Tensor(b!) accept_len, Tensor(c!) bonus) -> ()");
 }
+
+TORCH_LIBRARY_IMPL(jetspec, BackendSelect, m) { m.impl("accept_greedy", same_device_kernel()); }
 
 TORCH_LIBRARY_IMPL(jetspec, CPU, m) { m.impl("accept_greedy", &accept_greedy_cpu); }
 

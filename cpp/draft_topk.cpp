@@ -7,15 +7,20 @@
 //   logprobs [B, D, K] float32                   out: log_softmax(hidden @ weight^T / temperature) at the top K,
 //                                                descending; K is the outputs' last size, 1 <= K <= V.
 //   ids      [B, D, K] int64                     out: their vocabulary ids. Equal values rank by lower id.
-//   temperature > 0.
+//   temperature > 0 and finite, also as a float32.
+//   All tensors share one device; the outputs share no memory with each other or the inputs.
 //
 //   Logits accumulate in float32. The CPU kernel is the reference (ATen ops); the CUDA kernel never
 //   writes the B x D x V logits to memory (one pass over the weight) and matches it up to the float32
-//   summation order. The CUDA kernel also needs K <= 32 and reads 'weight' in 16-byte pieces: H a
-//   multiple of 8 (4 for float32), the row stride likewise, the data 16-byte aligned (ValueError
-//   otherwise). float32 runs on CUDA cores there, bfloat16/float16 on tensor cores.
+//   summation order. The CUDA kernel also needs K <= 32 and V < 2^31, and reads 'weight' in 16-byte
+//   pieces: H a multiple of 8 (4 for float32), the row stride likewise, the data 16-byte aligned
+//   (ValueError otherwise). float32 runs on CUDA cores there, bfloat16/float16 on tensor cores.
 #include <ATen/ATen.h>
 #include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
 
 #include "checks.h"
 #include "cuda_glue.h"
@@ -30,6 +35,9 @@ constexpr const char* kOp = "draft_topk";
 
 void check_args(const at::Tensor& hidden, const at::Tensor& weight, double temperature, const at::Tensor& logprobs,
                 const at::Tensor& ids) {
+  const Named all[] = {{&hidden, "hidden"}, {&weight, "weight"}, {&logprobs, "logprobs"}, {&ids, "ids"}};
+  check_same_device(kOp, all);
+  check_no_overlap(kOp, {all[2], all[3]}, all);
   TORCH_CHECK_VALUE(hidden.scalar_type() == at::kFloat || hidden.scalar_type() == at::kBFloat16 ||
                         hidden.scalar_type() == at::kHalf,
                     message(kOp, "'hidden' must be float32, bfloat16 or float16, got ", hidden.scalar_type()));
@@ -47,10 +55,9 @@ void check_args(const at::Tensor& hidden, const at::Tensor& weight, double tempe
   const int64_t k = logprobs.size(2);
   TORCH_CHECK_VALUE(1 <= k && k <= weight.size(0),
                     message(kOp, "K (the outputs' last size) must be in [1, V = ", weight.size(0), "], got ", k));
-  TORCH_CHECK_VALUE(temperature > 0, message(kOp, "temperature must be positive"));
-  check_device(kOp, weight, "weight", hidden, "hidden");
-  check_device(kOp, logprobs, "logprobs", hidden, "hidden");
-  check_device(kOp, ids, "ids", hidden, "hidden");
+  // As the kernels use it: in float32, where a tiny or huge double becomes 0 or inf.
+  const float t = static_cast<float>(temperature);
+  TORCH_CHECK_VALUE(t > 0 && std::isfinite(t), message(kOp, "temperature must be positive and finite in float32"));
 }
 
 // The op in ATen ops, on any device: the CPU kernel, and the CUDA kernel's answer for H = 0.
@@ -85,6 +92,9 @@ void draft_topk_cuda(const at::Tensor& hidden, const at::Tensor& weight, double 
   const int64_t k = logprobs.size(2), h = hidden.size(2), rows = hidden.size(0) * hidden.size(1);
   TORCH_CHECK_VALUE(k <= cuda::kDraftTopkMaxK,
                     message(kOp, "the CUDA kernel supports K <= ", cuda::kDraftTopkMaxK, ", got ", k));
+  // Its sort keys hold a vocabulary id in 32 bits.
+  TORCH_CHECK_VALUE(weight.size(0) <= std::numeric_limits<int32_t>::max(),
+                    message(kOp, "the CUDA kernel supports V <= 2^31 - 1, got 'weight' shape ", weight.sizes()));
   TORCH_CHECK_VALUE(h == 0 || rows_in_16_bytes(weight),
                     message(kOp, "the CUDA kernel reads 'weight' rows in 16-byte pieces: H and the row stride must "
                             "be multiples of 8 (4 for float32) and the data 16-byte aligned, got H = ", h,
@@ -132,6 +142,8 @@ void draft_topk_cuda(const at::Tensor& hidden, const at::Tensor& weight, double 
 TORCH_LIBRARY_FRAGMENT(jetspec, m) {
   m.def("draft_topk(Tensor hidden, Tensor weight, float temperature, Tensor(a!) logprobs, Tensor(b!) ids) -> ()");
 }
+
+TORCH_LIBRARY_IMPL(jetspec, BackendSelect, m) { m.impl("draft_topk", same_device_kernel()); }
 
 TORCH_LIBRARY_IMPL(jetspec, CPU, m) { m.impl("draft_topk", &draft_topk_cpu); }
 

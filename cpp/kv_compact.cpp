@@ -7,7 +7,7 @@
 //   accepted   [B, M] int64     accepted tree-node offsets in path order (accept_greedy's output):
 //                               strictly increasing, accepted[b, j] >= j.
 //   accept_len [B] int64        valid entries of accepted per row, 0 <= accept_len[b] <= M.
-//   base       [B] int64        cache slot of tree node 0 (the committed prefix length).
+//   base       [B] int64        cache slot of tree node 0 (the committed prefix length), 0 <= base[b] <= S.
 //
 //   For every plane p, row b and j < accept_len[b]:
 //       cache[p, b, base[b] + j] = cache[p, b, base[b] + accepted[b, j]]   (values before the op)
@@ -17,10 +17,12 @@
 // its parent's) and what makes an in-place, single-pass move safe although the
 // source and destination ranges overlap. The CPU kernel checks it; the CUDA
 // kernel cannot without a host sync, and skips out-of-range slots instead of faulting.
+// All tensors share one device; 'cache' shares no memory with the index tensors.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <cstring>
+#include <limits>
 
 #include "checks.h"
 #include "cuda_glue.h"
@@ -41,6 +43,9 @@ int64_t row_numel(const at::Tensor& cache) {
 
 void check_args(const at::Tensor& cache, const at::Tensor& accepted, const at::Tensor& accept_len,
                 const at::Tensor& base) {
+  const Named all[] = {{&cache, "cache"}, {&accepted, "accepted"}, {&accept_len, "accept_len"}, {&base, "base"}};
+  check_same_device(kOp, all);
+  check_no_overlap(kOp, {all[0]}, all);
   TORCH_CHECK_VALUE(cache.dim() >= 3, message(kOp, "'cache' must be [planes, batch, slots, *row], got shape ", cache.sizes()));
   TORCH_CHECK_VALUE(dense_from(cache, 3),
                     message(kOp, "the row dims (3..) of 'cache' must be dense, got strides ", cache.strides()));
@@ -54,9 +59,6 @@ void check_args(const at::Tensor& cache, const at::Tensor& accepted, const at::T
   check_size(kOp, accepted, "accepted", 0, batch);
   check_size(kOp, accept_len, "accept_len", 0, batch);
   check_size(kOp, base, "base", 0, batch);
-  check_device(kOp, accepted, "accepted", cache, "cache");
-  check_device(kOp, accept_len, "accept_len", cache, "cache");
-  check_device(kOp, base, "base", cache, "cache");
 }
 
 void kv_compact_cpu(at::Tensor& cache, const at::Tensor& accepted, const at::Tensor& accept_len,
@@ -73,17 +75,19 @@ void kv_compact_cpu(at::Tensor& cache, const at::Tensor& accepted, const at::Ten
   const int64_t* base_p = start.data_ptr<int64_t>();
 
   for (int64_t b = 0; b < batch; ++b) {
-    const int64_t n = len_p[b];
+    const int64_t n = len_p[b], slot0 = base_p[b];
     TORCH_CHECK_VALUE(0 <= n && n <= max_accept,
                       message(kOp, "accept_len[", b, "] = ", n, " is outside [0, ", max_accept, "]"));
+    TORCH_CHECK_VALUE(0 <= slot0 && slot0 <= slots,
+                      message(kOp, "base[", b, "] = ", slot0, " is outside the cache's [0, ", slots, "] slots"));
     for (int64_t j = 0; j < n; ++j) {
       const int64_t a = acc_p[b * max_accept + j];
       TORCH_CHECK_VALUE(a >= j && (j == 0 || a > acc_p[b * max_accept + j - 1]),
                         message(kOp, "accepted[", b, "] must be strictly increasing with accepted[j] >= j; entry ", j,
                                 " is ", a));
-      TORCH_CHECK_VALUE(base_p[b] >= 0 && base_p[b] + a < slots,
-                        message(kOp, "slot base[", b, "] + accepted[", b, ", ", j, "] = ", base_p[b] + a,
-                                " is outside the cache's ", slots, " slots"));
+      // Compared against the room left, not as base + a < slots: that sum can wrap around.
+      TORCH_CHECK_VALUE(a < slots - slot0, message(kOp, "slot base[", b, "] + accepted[", b, ", ", j, "] (", slot0,
+                                                   " + ", a, ") is outside the cache's ", slots, " slots"));
     }
   }
   if (row_bytes == 0) return;
@@ -111,6 +115,9 @@ void kv_compact_cuda(at::Tensor& cache, const at::Tensor& accepted, const at::Te
   TORCH_CHECK_VALUE(cache.size(0) <= 65535 && cache.size(1) <= 65535,
                     message(kOp, "CUDA supports up to 65535 planes and 65535 sequences, got 'cache' shape ",
                             cache.sizes()));
+  // The long-path kernel stages path offsets as 32-bit integers.
+  TORCH_CHECK_VALUE(cache.size(2) <= std::numeric_limits<int32_t>::max(),
+                    message(kOp, "CUDA supports up to 2^31 - 1 slots, got 'cache' shape ", cache.sizes()));
   const c10::cuda::CUDAGuard guard(cache.device());
   const auto acc = accepted.contiguous();
   const auto len = accept_len.contiguous();
@@ -139,6 +146,8 @@ void kv_compact_cuda(at::Tensor& cache, const at::Tensor& accepted, const at::Te
 TORCH_LIBRARY_FRAGMENT(jetspec, m) {
   m.def("kv_compact(Tensor(a!) cache, Tensor accepted, Tensor accept_len, Tensor base) -> ()");
 }
+
+TORCH_LIBRARY_IMPL(jetspec, BackendSelect, m) { m.impl("kv_compact", same_device_kernel()); }
 
 TORCH_LIBRARY_IMPL(jetspec, CPU, m) { m.impl("kv_compact", &kv_compact_cpu); }
 

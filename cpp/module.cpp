@@ -16,6 +16,8 @@
 #include "accept_greedy.cuh"
 #include "build_tree.cuh"
 #include "draft_topk.cuh"
+#include "rms_norm.cuh"
+#include "skinny_gemm.cuh"
 #endif
 
 namespace {
@@ -51,6 +53,8 @@ PyObject* limits() {
                                                 {"threshold_expansions", integer(cuda::kThresholdMinExpansions)}})}})},
       {"draft_topk", dict_of({{"cuda", dict_of({{"k", integer(cuda::kDraftTopkMaxK)}})}})},
       {"accept_greedy", dict_of({{"cuda", dict_of({{"nodes", integer(cuda::kAcceptMaxNodes)}})}})},
+      {"rms_norm", dict_of({{"cuda", dict_of({{"hidden", integer(cuda::kRmsNormMaxHidden)}})}})},
+      {"skinny_gemm", dict_of({{"cuda", dict_of({{"rows", integer(cuda::kSkinnyGemmMaxRows)}})}})},
 #endif
   });
 }

@@ -22,7 +22,9 @@
 //   Node i sees key k iff k < prefix_len[b], or k = prefix_len[b] + j with j <= i and bit j of
 //   ancestors[b, i] set (bits of later nodes are ignored: node order puts every ancestor first).
 //   out[b, i, h] = sum over visible k of softmax_k(scale * q[b, i, h] . K[b, k, h / G]) * V[b, k, h / G],
-//   scores, softmax and sums in fp32; a node that sees no key gets 0.
+//   scores, softmax and sums in fp32; a node that sees no key gets 0, and a key a node may not see
+//   contributes nothing to it, whatever its K and V hold (NaN and inf included).
+//   All tensors share one device; 'out' shares no memory with the inputs.
 //
 // The CPU kernel is the reference (ATen, fp32) and validates prefix_len; the CUDA kernel cannot raise
 // without a host sync and clamps an out-of-range prefix_len into [0, S - N] instead of faulting. The
@@ -57,6 +59,10 @@ int64_t words_for(int64_t nodes) { return (nodes + 31) / 32; }
 void check_args(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
                 const at::Tensor& prefix_len, const at::Tensor& ancestors, double scale, int64_t max_prefix,
                 const at::Tensor& out) {
+  const Named all[] = {{&query, "query"},           {&key_cache, "key_cache"}, {&value_cache, "value_cache"},
+                       {&prefix_len, "prefix_len"}, {&ancestors, "ancestors"}, {&out, "out"}};
+  check_same_device(kOp, all);
+  check_no_overlap(kOp, {all[5]}, all);
   TORCH_CHECK_VALUE(query.scalar_type() == at::kBFloat16 || query.scalar_type() == at::kHalf,
                     message(kOp, "'query' must be bfloat16 or float16, got ", query.scalar_type()));
   check_dim(kOp, query, "query", 4);
@@ -67,14 +73,11 @@ void check_args(const at::Tensor& query, const at::Tensor& key_cache, const at::
   TORCH_CHECK_VALUE(std::find(std::begin(limits::kTreeAttentionHeadDims), std::end(limits::kTreeAttentionHeadDims),
                               dim) != std::end(limits::kTreeAttentionHeadDims),
                     message(kOp, "head_dim (the last size of 'query') must be 64 or 128, got ", dim));
-  const std::pair<const at::Tensor*, const char*> caches[] = {{&key_cache, "key_cache"},
-                                                              {&value_cache, "value_cache"}};
-  for (const auto& [t, name] : caches) {
+  for (const auto& [t, name] : {all[1], all[2]}) {
     check_dtype(kOp, *t, name, query.scalar_type());
     check_dim(kOp, *t, name, 4);
     check_size(kOp, *t, name, 0, batch);
     check_size(kOp, *t, name, 3, dim);
-    check_device(kOp, *t, name, query, "query");
   }
   TORCH_CHECK_VALUE(value_cache.sizes() == key_cache.sizes(),
                     message(kOp, "'value_cache' must have the shape of 'key_cache' ", key_cache.sizes(), ", got ",
@@ -88,23 +91,21 @@ void check_args(const at::Tensor& query, const at::Tensor& key_cache, const at::
   check_dtype(kOp, out, "out", query.scalar_type());
   TORCH_CHECK_VALUE(out.sizes() == query.sizes(),
                     message(kOp, "'out' must have the shape of 'query' ", query.sizes(), ", got ", out.sizes()));
-  check_device(kOp, out, "out", query, "query");
-  const std::pair<const at::Tensor*, const char*> rows[] = {
-      {&query, "query"}, {&key_cache, "key_cache"}, {&value_cache, "value_cache"}, {&out, "out"}};
-  for (const auto& [t, name] : rows)
+  for (const auto& [t, name] : {all[0], all[1], all[2], all[5]})
     TORCH_CHECK_VALUE(t->stride(3) == 1, message(kOp, "the last dim of '", name, "' must be dense, got strides ",
                                                  t->strides()));
   check_dtype(kOp, prefix_len, "prefix_len", at::kLong);
   check_dim(kOp, prefix_len, "prefix_len", 1);
   check_size(kOp, prefix_len, "prefix_len", 0, batch);
-  check_device(kOp, prefix_len, "prefix_len", query, "query");
   check_dtype(kOp, ancestors, "ancestors", at::kInt);
   check_dim(kOp, ancestors, "ancestors", 3);
   check_size(kOp, ancestors, "ancestors", 0, batch);
   check_size(kOp, ancestors, "ancestors", 1, nodes);
   check_size(kOp, ancestors, "ancestors", 2, words_for(nodes));
-  check_device(kOp, ancestors, "ancestors", query, "query");
-  TORCH_CHECK_VALUE(std::isfinite(scale) && scale > 0, message(kOp, "'scale' must be positive and finite"));
+  // As the kernels use it: in float32, where a tiny or huge double becomes 0 or inf.
+  const float scale_f = static_cast<float>(scale);
+  TORCH_CHECK_VALUE(std::isfinite(scale_f) && scale_f > 0,
+                    message(kOp, "'scale' must be positive and finite (also as a float32)"));
   TORCH_CHECK_VALUE(0 <= max_prefix && max_prefix <= slots - nodes,
                     message(kOp, "'max_prefix' must be in [0, S - N = ", slots - nodes, "], got ", max_prefix));
 }
@@ -137,10 +138,21 @@ void tree_attention_cpu(const at::Tensor& query, const at::Tensor& key_cache, co
                           .logical_and(earlier_or_self);
     const auto visible = at::cat({at::ones({nodes, n}, bool_opts), tree}, 1);  // [N, keys]
     auto scores = at::matmul(q, k.transpose(-1, -2)).mul_(scale);
-    scores.masked_fill_(visible.logical_not(), -std::numeric_limits<float>::infinity());
+    scores.masked_fill_(visible.logical_not(), -std::numeric_limits<float>::infinity());  // NaN scores too
     auto probs = at::softmax(scores, -1);
     probs.masked_fill_(visible.any(-1, /*keepdim=*/true).logical_not(), 0.0);  // no visible key: 0, not NaN
-    out[b].copy_(at::matmul(probs, v).permute({2, 0, 1, 3}).reshape({nodes, q_heads, dim}));
+    // A hidden key's probability is 0, but 0 times a NaN or infinite value is NaN: the product takes the
+    // finite values only, and the rare non-finite ones are added for the nodes that see their key.
+    const auto finite = v.isfinite();
+    auto result = at::matmul(probs, v.masked_fill(finite.logical_not(), 0.0));  // [Hkv, G, N, d]
+    const auto bad = finite.logical_not().any(-1).any(0).flatten().nonzero().squeeze(1);  // keys holding one
+    if (bad.numel() > 0) {
+      const auto values = v.index_select(2, bad).masked_fill(finite.index_select(2, bad), 0.0);  // [Hkv, 1, c, d]
+      const auto terms = probs.index_select(3, bad).unsqueeze(-1) * values.unsqueeze(2);  // [Hkv, G, N, c, d]
+      const auto seen = visible.index_select(1, bad).unsqueeze(-1);                        // [N, c, 1]
+      result.add_(terms.masked_fill(seen.logical_not(), 0.0).sum(3));
+    }
+    out[b].copy_(result.permute({2, 0, 1, 3}).reshape({nodes, q_heads, dim}));
   }
 }
 
@@ -160,6 +172,10 @@ void check_cuda_layout(const at::Tensor& query, const at::Tensor& key_cache, con
                             key_cache.sizes()));
   TORCH_CHECK_VALUE(key_cache.size(1) <= std::numeric_limits<int32_t>::max(),
                     message(kOp, "CUDA supports up to 2^31 - 1 cache slots, got 'key_cache' shape ", key_cache.sizes()));
+  // Rows (sequence, node, query head) are counted in 32 bits, and the split-merge grid has a block per few.
+  TORCH_CHECK_VALUE(product_at_most({query.size(0), query.size(1), query.size(2)}, std::numeric_limits<int32_t>::max()),
+                    message(kOp, "CUDA supports up to 2^31 - 1 output rows (B x N x Hq), got 'query' shape ",
+                            query.sizes()));
 }
 
 void tree_attention_cuda(const at::Tensor& query, const at::Tensor& key_cache, const at::Tensor& value_cache,
@@ -229,6 +245,8 @@ TORCH_LIBRARY_FRAGMENT(jetspec, m) {
       "tree_attention(Tensor query, Tensor key_cache, Tensor value_cache, Tensor prefix_len, Tensor ancestors, "
       "float scale, int max_prefix, Tensor(a!) out) -> ()");
 }
+
+TORCH_LIBRARY_IMPL(jetspec, BackendSelect, m) { m.impl("tree_attention", same_device_kernel()); }
 
 TORCH_LIBRARY_IMPL(jetspec, CPU, m) { m.impl("tree_attention", &tree_attention_cpu); }
 

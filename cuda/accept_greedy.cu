@@ -52,6 +52,7 @@ __global__ void __launch_bounds__(kThreads) accept_greedy_kernel(AcceptGreedyArg
 cudaError_t accept_greedy(const AcceptGreedyArgs& a, cudaStream_t stream) {
   if (a.batch == 0) return cudaSuccess;
   if (a.nodes < 1 || a.nodes > kAcceptMaxNodes || a.max_accept < 1) return cudaErrorInvalidValue;
+  if (a.batch > 0x7fffffff) return cudaErrorInvalidConfiguration;  // one block per tree
   const size_t smem = static_cast<size_t>(a.nodes) * sizeof(int);
   accept_greedy_kernel<<<static_cast<unsigned>(a.batch), kThreads, smem, stream>>>(a);
   return cudaGetLastError();

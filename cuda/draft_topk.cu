@@ -539,8 +539,8 @@ cudaError_t draft_topk_workspace(const DraftTopkArgs& a, int64_t* bytes) {
 cudaError_t draft_topk(const DraftTopkArgs& a, void* workspace, cudaStream_t stream) {
   const int64_t es = a.dtype == DraftTopkDtype::kFloat32 ? 4 : 2;
   const int64_t row_bytes = a.hidden_size * es;
-  if (a.k < 1 || a.k > kDraftTopkMaxK || a.k > a.vocab || a.hidden_size < 1 || row_bytes % 16 != 0 ||
-      !(a.temperature > 0.f))
+  if (a.k < 1 || a.k > kDraftTopkMaxK || a.k > a.vocab || a.vocab > 0x7fffffff || a.hidden_size < 1 ||
+      row_bytes % 16 != 0 || !(a.temperature > 0.f))
     return cudaErrorInvalidValue;
   for (int64_t first = 0; first < a.rows; first += kLaunchRows) {
     const int64_t rows = a.rows - first < kLaunchRows ? a.rows - first : kLaunchRows;

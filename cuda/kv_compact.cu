@@ -35,6 +35,12 @@ constexpr int kShortWarps = 16;  // most warps per block in the short kernel
 constexpr int kRows = 16;        // rows per chunk of the long kernel; two chunks in flight per lane
 constexpr int kOffsets = 1024;   // path offsets staged per pass of the long kernel
 
+// Slots from `base` to the cache's end, 0 for a base outside [0, slots]: path offsets are compared with
+// it, rather than forming base + offset, which a huge offset would wrap around into range.
+__device__ __forceinline__ int64_t slots_from(int64_t base, int64_t slots) {
+  return base >= 0 && base <= slots ? slots - base : 0;
+}
+
 template <typename Vec, int kShortUnroll>
 __global__ void __launch_bounds__(kThreads * kShortWarps) kv_compact_short_kernel(KvCompactArgs a, int64_t cols) {
   // Grid (column blocks, sequences, planes): no integer division on the latency-critical path.
@@ -43,17 +49,17 @@ __global__ void __launch_bounds__(kThreads * kShortWarps) kv_compact_short_kerne
   int64_t len = a.accept_len[b];
   len = len < 0 ? 0 : (len > a.max_accept ? a.max_accept : len);
   const int64_t base = a.base[b];
+  const int64_t room = slots_from(base, a.slots);
   char* column = a.cache + p * a.plane_stride + b * a.batch_stride + col * static_cast<int64_t>(sizeof(Vec));
   Vec v[kShortUnroll];
   bool move[kShortUnroll];
 #pragma unroll
   for (int k = 0; k < kShortUnroll; ++k) {
     const int64_t j = threadIdx.y + static_cast<int64_t>(k) * blockDim.y;
-    const int64_t src = j < a.max_accept ? base + a.accepted[b * a.max_accept + j] : 0;
-    const int64_t dst = base + j;
+    const int64_t off = j < a.max_accept ? a.accepted[b * a.max_accept + j] : 0;
     // Out-of-range slots are skipped rather than trusted: a bad index must not fault the device.
-    move[k] = col < cols && j < len && src != dst && src >= 0 && src < a.slots && dst >= 0 && dst < a.slots;
-    if (move[k]) v[k] = *reinterpret_cast<const Vec*>(column + src * a.slot_stride);
+    move[k] = col < cols && j < len && off != j && off >= 0 && off < room && j < room;
+    if (move[k]) v[k] = *reinterpret_cast<const Vec*>(column + (base + off) * a.slot_stride);
   }
   __syncthreads();
 #pragma unroll
@@ -71,15 +77,14 @@ struct Chunk {
 
 template <typename Vec>
 __device__ __forceinline__ void load_chunk(Chunk<Vec>& c, const char* column, const int* offsets, int64_t first,
-                                           int64_t end, int64_t base, int64_t slots, int64_t slot_stride) {
+                                           int64_t end, int64_t base, int64_t room, int64_t slot_stride) {
 #pragma unroll
   for (int r = 0; r < kRows; ++r) {
     const int64_t j = first + r;
-    const int64_t src = j < end ? base + offsets[j % kOffsets] : 0;
-    const int64_t dst = base + j;
+    const int64_t off = j < end ? offsets[j % kOffsets] : 0;
     // Out-of-range slots are skipped rather than trusted: a bad index must not fault the device.
-    c.move[r] = j < end && src != dst && src >= 0 && src < slots && dst >= 0 && dst < slots;
-    if (c.move[r]) c.v[r] = *reinterpret_cast<const Vec*>(column + src * slot_stride);
+    c.move[r] = j < end && off != j && off >= 0 && off < room && j < room;
+    if (c.move[r]) c.v[r] = *reinterpret_cast<const Vec*>(column + (base + off) * slot_stride);
   }
 }
 
@@ -100,7 +105,9 @@ __global__ void __launch_bounds__(kThreads) kv_compact_long_kernel(KvCompactArgs
   const int64_t* acc = a.accepted + b * a.max_accept;
   int64_t len = a.accept_len[b];
   const int64_t base = a.base[b];
-  len = len < 0 ? 0 : (len > a.max_accept ? a.max_accept : len);
+  const int64_t room = slots_from(base, a.slots);
+  // With no room (a base out of range included) nothing moves; no destination slot base + j is formed.
+  len = len < 0 || room == 0 ? 0 : (len > a.max_accept ? a.max_accept : len);
   char* column = a.cache + p * a.plane_stride + b * a.batch_stride + col * static_cast<int64_t>(sizeof(Vec));
   const bool active = col < cols;
 
@@ -109,14 +116,18 @@ __global__ void __launch_bounds__(kThreads) kv_compact_long_kernel(KvCompactArgs
   int64_t first = 0;
   do {
     const int64_t staged = first + kOffsets < a.max_accept ? first + kOffsets : a.max_accept;
-    for (int64_t i = first + threadIdx.x; i < staged; i += kThreads) offsets[i - first] = static_cast<int>(acc[i]);
+    // An offset outside [0, 2^31) is out of range of any cache the glue accepts: staged as -1, skipped.
+    for (int64_t i = first + threadIdx.x; i < staged; i += kThreads) {
+      const int64_t off = acc[i];
+      offsets[i - first] = off >= 0 && off <= 0x7fffffff ? static_cast<int>(off) : -1;
+    }
     __syncwarp();
     const int64_t end = staged < len ? staged : len;
     if (active) {
       Chunk<Vec> cur, next;
-      load_chunk(cur, column, offsets, first, end, base, a.slots, a.slot_stride);
+      load_chunk(cur, column, offsets, first, end, base, room, a.slot_stride);
       for (int64_t j = first; j < end; j += kRows) {
-        if (j + kRows < end) load_chunk(next, column, offsets, j + kRows, end, base, a.slots, a.slot_stride);
+        if (j + kRows < end) load_chunk(next, column, offsets, j + kRows, end, base, room, a.slot_stride);
         store_chunk(cur, column, base + j, a.slot_stride);
         cur = next;
       }

@@ -1,5 +1,5 @@
 // PTX wrappers the kernels share (draft_topk, tree_attention; build_tree's named barrier):
-// shared-memory addresses and stores, named barriers, cp.async group waits, ldmatrix, the m16n8k16 MMA
+// shared-memory addresses, loads and stores, named barriers, cp.async group waits, ldmatrix, the m16n8k16 MMA
 // with fp32 accumulation and, on sm_90a, the warpgroup MMA (wgmma) with its shared-memory descriptors
 // and fences, mbarriers and tensor copies (TMA).
 #pragma once
@@ -24,6 +24,14 @@ __device__ __forceinline__ void st_shared_f32(uint32_t addr, float v) {
 __device__ __forceinline__ void st_shared_zero16(uint32_t addr) {
   asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(addr), "r"(0) : "memory");
 }
+__device__ __forceinline__ uint4 ld_shared_v4(uint32_t addr) {
+  uint4 v;
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(addr) : "memory");
+  return v;
+}
+__device__ __forceinline__ void st_shared_v4(uint32_t addr, uint4 v) {
+  asm volatile("st.shared.v4.u32 [%0], {%1, %2, %3, %4};\n" ::"r"(addr), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w) : "memory");
+}
 
 // Named barrier `id` (1-15; 0 is __syncthreads) over `threads` threads, a multiple of 32: sync waits for
 // all of them, arrive counts this warp and goes on.
@@ -32,6 +40,13 @@ __device__ __forceinline__ void named_barrier_sync(int id, int threads) {
 }
 __device__ __forceinline__ void named_barrier_arrive(int id, int threads) {
   asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+// named_barrier_sync that also returns whether `value` was true in any of the threads.
+__device__ __forceinline__ bool named_barrier_or(int id, int threads, bool value) {
+  int any;
+  asm volatile("{\n.reg .pred p, q;\nsetp.ne.s32 q, %2, 0;\nbar.red.or.pred p, %1, %3, q;\nselp.s32 %0, 1, 0, p;\n}\n"
+               : "=r"(any) : "r"(id), "r"(static_cast<int>(value)), "r"(threads) : "memory");
+  return any != 0;
 }
 
 __device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t addr) {

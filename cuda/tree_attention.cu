@@ -242,6 +242,78 @@ __device__ __forceinline__ void mask_tree_keys(float (&s)[Cfg::kMTiles][kKeyTile
     }
 }
 
+// Keys of the tree block [first, end) (tile-relative) of a V tile in shared memory get their NaN and inf
+// values replaced by 0, by thread `tid` of the block's Cfg::kThreads: chunks tid, tid + kThreads, ..., the
+// chunks this thread copies with cp.async, so that it may read them once its own copies are complete. A
+// key a row may not see has probability 0, but P V adds 0 times its value, a NaN for a NaN or an inf.
+// Returns whether this thread found such a value; the rows that see it get it from add_nonfinite_values.
+template <typename T, typename Cfg>
+__device__ __forceinline__ bool zero_nonfinite_v(uint32_t v_tile, int first, int end, int tid) {
+  constexpr uint32_t kExponent = std::is_same_v<T, __nv_bfloat16> ? 0x7f80u : 0x7c00u;  // all set: NaN or inf
+  constexpr uint32_t kPair = kExponent * 0x10001u;
+  const int lo = first * Cfg::kChunks;
+  bool found = false;
+  for (int c = lo > tid ? tid + (lo - tid + Cfg::kThreads - 1) / Cfg::kThreads * Cfg::kThreads : tid;
+       c < end * Cfg::kChunks; c += Cfg::kThreads) {
+    const uint32_t addr = v_tile + swizzle(c / Cfg::kChunks, c % Cfg::kChunks, Cfg::kKvRegion);
+    const uint4 v = ptx::ld_shared_v4(addr);
+    uint32_t w[4] = {v.x, v.y, v.z, v.w};
+    bool any = false;
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const uint32_t x = (w[i] & kPair) ^ kPair;  // a 16-bit half of x is 0 where its value is non-finite
+      any |= ((x - 0x10001u) & ~x & 0x80008000u) != 0;
+    }
+    if (any) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+          if (((w[i] >> (16 * h)) & kExponent) == kExponent) w[i] &= ~(0xffffu << (16 * h));
+      ptx::st_shared_v4(addr, make_uint4(w[0], w[1], w[2], w[3]));
+      found = true;
+    }
+  }
+  return found;
+}
+
+template <typename T>
+__device__ __forceinline__ float to_float(T x) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) return __bfloat162float(x);
+  else return __half2float(x);
+}
+
+// After zero_nonfinite_v found a value in the tile: the NaN and inf values of the tree keys [first, end)
+// (absolute key indices) that a row sees go into its O accumulators, read again from the cache, as P V
+// adds them (P > 0 times inf is inf, times NaN is NaN). Rare: only where the cache holds such values.
+template <typename T, typename Cfg, int kDimTiles>
+__device__ __forceinline__ void add_nonfinite_values(float (&o)[Cfg::kMTiles][kDimTiles][4], const Params& p,
+                                                      const BlockSpan& sp, int first, int end, int warp, int lane) {
+  const TreeAttentionArgs& a = p.a;
+  const T* v_base = static_cast<const T*>(a.value) + sp.b * a.v_batch_stride + sp.h * a.v_head_stride + 2 * (lane & 3);
+#pragma unroll
+  for (int mt = 0; mt < Cfg::kMTiles; ++mt)
+#pragma unroll
+    for (int hf = 0; hf < 2; ++hf) {
+      const int row = sp.row0 + tile_row<Cfg>(warp, mt) + (lane >> 2) + 8 * hf;
+      if (row >= sp.rows) continue;
+      const int node = row / p.group;
+      const int32_t* words = a.ancestors + (static_cast<int64_t>(sp.b) * a.nodes + node) * a.words;
+      for (int key = first; key < end; ++key) {
+        const int j = key - sp.prefix;
+        if (j > node || !((__ldg(words + (j >> 5)) >> (j & 31)) & 1)) continue;
+        const T* v = v_base + key * a.v_slot_stride;
+#pragma unroll
+        for (int n = 0; n < kDimTiles; ++n)
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float x = to_float(v[8 * n + e]);
+            if (!isfinite(x)) o[mt][n][2 * hf + e] += x;
+          }
+      }
+    }
+}
+
 // A row keeps its running max until a tile's max exceeds it by more than 2^kStaleLog2 in the
 // exponentials: P and the sums may then reach 2^kStaleLog2, harmless in fp32 accumulators and in P's
 // 8-bit exponent, and O is rescaled (a multiply per accumulator) only at such jumps instead of at every
@@ -336,7 +408,9 @@ __device__ __forceinline__ void store_rows(const Params& p, const BlockSpan& sp,
 #pragma unroll
         for (int n = 0; n < kDimTiles; ++n)
           *reinterpret_cast<float2*>(dst + 8 * n) = make_float2(o[mt][n][2 * hf] * inv, o[mt][n][2 * hf + 1] * inv);
-        if ((lane & 3) == 0) p.part_lse[prow] = sum > 0.f ? fmaf(m[mt][hf], scale_log2, log2f(sum)) : -INFINITY;
+        // A NaN sum (a visible key's NaN or +inf score) gives a NaN log-sum-exp, which the merge keeps.
+        if ((lane & 3) == 0)
+          p.part_lse[prow] = sum > 0.f || isnan(sum) ? fmaf(m[mt][hf], scale_log2, log2f(sum)) : -INFINITY;
       }
     }
 }
@@ -503,10 +577,21 @@ __global__ void __launch_bounds__(Cfg::kThreads) tree_attention_kernel(const __g
       const int it = t - tile_begin;
       const uint32_t k_tile = s_k + (it % kStages) * Cfg::kKvBytes;
       const uint32_t v_tile = s_v + (it % kStages) * Cfg::kKvBytes;
+      // A tile that reaches the tree block: its keys [tree_first, tree_end) are masked per row.
+      const bool tree = t * kKeys + kKeys > sp.prefix;
+      const int tree_first = max(t * kKeys, sp.prefix), tree_end = min(t * kKeys + kKeys, key_end);
+      bool poisoned = false;  // one of those keys has a non-finite value
 #ifdef JETSPEC_WGMMA
       if (tensor_copies) {
         ptx::mbarrier_wait(s_bar + 8 * (it % kStages), (it / kStages) & 1);
-        __syncthreads();  // every warp is done with the stage refilled next
+        // Every warp is done with the stage refilled next (and the tile's tree values are made finite).
+        if (tree) {
+          const bool found = zero_nonfinite_v<T, Cfg>(v_tile, tree_first - t * kKeys, tree_end - t * kKeys, tid);
+          ptx::fence_proxy_async();
+          poisoned = __syncthreads_or(found);
+        } else {
+          __syncthreads();
+        }
         if (tid == 0 && t + kStages - 1 < tile_end)
           copy_kv_tile<Cfg>(p, sp, s_k, s_v, s_bar + 8 * ((it + kStages - 1) % kStages), t + kStages - 1,
                             (it + kStages - 1) % kStages);
@@ -519,10 +604,16 @@ __global__ void __launch_bounds__(Cfg::kThreads) tree_attention_kernel(const __g
 #endif
       {
         cp_async_wait<kStages - 2>();
+        // This thread's copies of tile t are complete: it makes their tree values finite itself.
+        const bool found = tree && zero_nonfinite_v<T, Cfg>(v_tile, tree_first - t * kKeys, tree_end - t * kKeys, tid);
 #ifdef JETSPEC_WGMMA
         if constexpr (kWgmma) ptx::fence_proxy_async();  // this thread's copies, before wgmma reads them
 #endif
-        __syncthreads();  // tile t (and Q) visible to all; every warp is done with the stage refilled next
+        // Tile t (and Q) visible to all; every warp is done with the stage refilled next.
+        if (tree)
+          poisoned = __syncthreads_or(found);
+        else
+          __syncthreads();
         if (t + kStages - 1 < tile_end) load_kv(t + kStages - 1, (it + kStages - 1) % kStages);
         cp_async_commit();
       }
@@ -559,9 +650,10 @@ __global__ void __launch_bounds__(Cfg::kThreads) tree_attention_kernel(const __g
         }
       }
 
-      if (t * kKeys + kKeys > sp.prefix) mask_tree_keys<Cfg>(s, p, sp, t, warp, lane);
+      if (tree) mask_tree_keys<Cfg>(s, p, sp, t, warp, lane);
       float correction[kMT][2];
       if (online_softmax(s, m, l, correction, scale_log2)) rescale(o, correction);
+      if (poisoned) add_nonfinite_values<T, Cfg>(o, p, sp, tree_first, tree_end, warp, lane);
       uint32_t pa[kKeys / 16][kMT][4];
       pack_p<T>(s, pa);
       if constexpr (kWgmma) {
@@ -651,14 +743,25 @@ __global__ void __launch_bounds__(Cfg::kLaunchThreads, 1) tree_attention_special
     // Barrier ids as immediates: held in a register, the id was spilled.
     auto take_turn = [&] { if (wg == 0) ptx::named_barrier_sync(1, 2 * 128); else ptx::named_barrier_sync(2, 2 * 128); };
     auto pass_turn = [&] { if (wg == 0) ptx::named_barrier_arrive(2, 2 * 128); else ptx::named_barrier_arrive(1, 2 * 128); };
+    // Tree keys [tree_first, tree_end) of the tile last arrived, and whether one has a non-finite value.
+    int tree_first = 0, tree_end = 0;
+    bool poisoned = false;
     // Waits for tile `it` and returns its stage's byte offset in the K and V rings.
     auto arrived = [&](int it) -> uint32_t {
       const int stage = it % kStages;
+      const uint32_t v_tile = s_v + stage * Cfg::kKvBytes;
       ptx::mbarrier_wait(s_full + 8 * stage, (it / kStages) & 1);
-      const int valid_keys = sp.key_end - (sp.tile_begin + it) * kKeys;
-      if (valid_keys < kKeys) {  // the block's last tile
-        zero_v_tail<Cfg>(s_v + stage * Cfg::kKvBytes, valid_keys, tid, Cfg::kThreads);
-        ptx::named_barrier_sync(5, Cfg::kThreads);
+      const int key0 = (sp.tile_begin + it) * kKeys, valid_keys = sp.key_end - key0;
+      tree_first = max(key0, sp.prefix);
+      tree_end = min(key0 + kKeys, sp.key_end);
+      poisoned = false;
+      if (tree_first < tree_end) {  // the block's last tiles, which reach the tree block
+        const bool found = zero_nonfinite_v<T, Cfg>(v_tile, tree_first - key0, tree_end - key0, tid);
+        if (valid_keys < kKeys)  // the block's last tile
+          zero_v_tail<Cfg>(v_tile, valid_keys, tid, Cfg::kThreads);  // fences both stores
+        else
+          ptx::fence_proxy_async();
+        poisoned = ptx::named_barrier_or(5, Cfg::kThreads, found);
       }
       return stage * Cfg::kKvBytes;
     };
@@ -679,6 +782,7 @@ __global__ void __launch_bounds__(Cfg::kLaunchThreads, 1) tree_attention_special
     pass_turn();
     ptx::wgmma_wait<0>();
     softmax(0);  // O is still 0: no rescale
+    if (poisoned) add_nonfinite_values<T, Cfg>(o, p, sp, tree_first, tree_end, warp, lane);
     pack_p<T>(s, pa);
     for (int it = 1; it < tiles; ++it) {
       const uint32_t prev_off = stage_off;
@@ -697,6 +801,7 @@ __global__ void __launch_bounds__(Cfg::kLaunchThreads, 1) tree_attention_special
       ptx::wgmma_wait<0>();  // P V of tile it - 1: its stage is free
       if (lane == 0) ptx::mbarrier_arrive(s_empty + 8 * ((it - 1) % kStages));
       if (moved) rescale(o, correction);
+      if (poisoned) add_nonfinite_values<T, Cfg>(o, p, sp, tree_first, tree_end, warp, lane);
       pack_p<T>(s, pa);
     }
     take_turn();
@@ -718,8 +823,13 @@ __global__ void __launch_bounds__(128) tree_attention_combine_kernel(const __gri
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.x / kLanes;
   if (row >= rows) return;
   const int col = (threadIdx.x % kLanes) * 4;
+  // A NaN log-sum-exp makes top, and so the row, NaN as in the unsplit kernel: fmaxf would skip it, and a
+  // row whose other splits are empty would come out 0.
   float top = -INFINITY;
-  for (int s = 0; s < p.splits; ++s) top = fmaxf(top, p.part_lse[s * rows + row]);
+  for (int s = 0; s < p.splits; ++s) {
+    const float lse = p.part_lse[s * rows + row];
+    top = lse > top || isnan(lse) ? lse : top;
+  }
   float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
   float total = 0.f;
   if (top != -INFINITY) {

@@ -183,4 +183,4 @@ def test_generate_command_uses_the_default_pair(model, tokenizer, capsys):
     assert main(["generate", "--prompt", "What is the capital of France?", "--max-new-tokens", "20"]) == 0
     captured = capsys.readouterr()
     assert captured.out.strip() == "The capital of France is Paris."  # test_greedy_answer's greedy text
-    assert "budget 64, width 8" in captured.err
+    assert "budget auto, width 8" in captured.err and "trees " in captured.err

@@ -382,6 +382,36 @@ def test_eos_inside_a_round(gqa, depth, width):
         model.generation_config.eos_token_id = None
 
 
+class EosOracle(OracleDrafter):
+    """Proposes the stop token at rank 0 of every depth and the true continuation at rank 1: every tree
+    holds EOS nodes at every depth, and the path the target takes runs beside them."""
+
+    def __init__(self, continuation, depth, vocab_size, eos):
+        super().__init__(continuation, depth, vocab_size)
+        self.eos = eos
+
+    def candidates_at(self, drafted, width):
+        logprobs, ids = super().candidates_at(drafted, width - 1)
+        eos = torch.full_like(ids[..., :1], self.eos)
+        return torch.cat([logprobs[..., :1], logprobs], -1), torch.cat([eos, ids], -1)
+
+
+@pytest.mark.parametrize("mode", ["host", "device"])
+def test_eos_proposed_at_every_depth(mode):
+    """#23: stop tokens inside every tree (where the target does not stop, and where it does) change nothing."""
+    model = qwen3(True)
+    prompt = random_prompt(model, 9, seed=11)
+    seq = greedy_sequence(model, prompt, 80)
+    j, eos = mid_round_eos(seq[9:9 + 60], 6)
+    for stop in ([], eos):  # the drafted EOS is never the target's (no stop), then it is, once
+        drafter = EosOracle(seq[9:], depth=5, vocab_size=256, eos=eos)
+        gen = jetspec.SpeculativeGenerator(model, drafter, budget=24, width=3, mode=mode)
+        out = gen.generate(prompt, max_new_tokens=60, eos_token_id=stop)
+        want = hf_greedy(model, prompt, 60, eos=stop if stop != [] else None)
+        assert out.sequences.tolist() == want.tolist()
+        assert out.stats.mean_accept_length > 1  # the true tokens at rank 1 were accepted past the EOS nodes
+
+
 @pytest.mark.parametrize("new", [23, 2, 1, 7])
 def test_max_new_tokens_inside_a_round(new):
     model = qwen3(True)

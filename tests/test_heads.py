@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import pickle
+import re
 from pathlib import Path
 
 import pytest
@@ -587,3 +588,112 @@ def test_proposal_is_full_vocabulary_log_softmax(target):
     torch.testing.assert_close(lp, want_lp, rtol=1e-5, atol=1e-5)
     assert torch.equal(ids, want_ids)
     assert (lp.exp().sum(-1) < 1).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Rejections of malformed or hostile files: each a CheckpointError naming the file (issue #23.6)
+# ---------------------------------------------------------------------------------------------
+
+
+def _shard_index(folder: Path, tensors: dict, shard_name: str) -> None:
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": dict.fromkeys(tensors, shard_name)}))
+
+
+@pytest.mark.parametrize("how", ["dotdot", "absolute"])
+def test_reject_index_naming_a_shard_outside_the_folder(tmp_path, tensors, how):
+    # A complete, valid checkpoint outside the head's folder: the old loader read it.
+    outside = tmp_path / "outside.safetensors"
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(outside), metadata={"format": "pt"})
+    folder = tmp_path / "head"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(published_config()))
+    name = "../outside.safetensors" if how == "dotdot" else str(outside)
+    _shard_index(folder, tensors, name)
+    with pytest.raises(CheckpointError, match=r"outside the head's folder"):
+        load_head(folder)
+
+
+def test_a_hub_cache_snapshot_loads(tmp_path, tensors):
+    """A hub cache links each file of a snapshot into its blob store, outside the snapshot's folder: the
+    folder's own links are followed (only names in the index are checked)."""
+    blobs = write_checkpoint(tmp_path / "blobs", tensors)
+    folder = tmp_path / "snapshots" / "abc"
+    folder.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors"):
+        (folder / name).symlink_to(blobs / name)
+    assert_loaded(load_head(folder), tensors)
+
+
+def test_shards_inside_the_folder_still_load(tmp_path, tensors):
+    """Containment is checked on the name: a subfolder, a harmless '..' and an in-folder symlink pass."""
+    folder = write_checkpoint(tmp_path / "head", tensors)
+    (folder / "sub").mkdir()
+    (folder / "model.safetensors").rename(folder / "sub" / "w.safetensors")
+    (folder / "link.safetensors").symlink_to(folder / "sub" / "w.safetensors")
+    for name in ("sub/w.safetensors", "sub/../sub/w.safetensors", "link.safetensors"):
+        _shard_index(folder, tensors, name)
+        assert_loaded(load_head(folder), tensors)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "garbage"])
+def test_reject_unreadable_safetensors_naming_the_file(tmp_path, tensors, damage):
+    folder = write_checkpoint(tmp_path / "h", tensors)
+    file = folder / "model.safetensors"
+    data = file.read_bytes()
+    file.write_bytes({"truncated": data[: len(data) // 2], "empty": b"", "garbage": b"\x00" * 64}[damage])
+    with pytest.raises(CheckpointError, match=re.escape(str(file))):
+        load_head(folder)
+
+
+def test_reject_truncated_shard_naming_the_file(tmp_path, tensors):
+    folder = write_checkpoint(tmp_path / "h", tensors, shards=2)
+    file = folder / "model-00002-of-00002.safetensors"
+    file.write_bytes(file.read_bytes()[:-10])
+    with pytest.raises(CheckpointError, match=re.escape(str(file))):
+        load_head(folder)
+
+
+@pytest.mark.parametrize("index", ["{not json", "[1, 2]", '"weight_map"', '{"weight_map": ["a.safetensors"]}',
+                                   '{"weight_map": {"norm.weight": 7}}', '{"weight_map": {"norm.weight": null}}',
+                                   '{"weight_map": "model-00001-of-00002.safetensors"}'])
+def test_reject_malformed_index_naming_the_file(tmp_path, tensors, index):
+    folder = write_checkpoint(tmp_path / "h", tensors, shards=2)
+    file = folder / "model.safetensors.index.json"
+    file.write_text(index)
+    with pytest.raises(CheckpointError, match=re.escape(str(file))):
+        load_head(folder)
+
+
+@pytest.mark.parametrize("text", ["{not json", "[]", "[1, 2]", '"qwen3"', "null", "3", "\xff\xfe"])
+def test_reject_malformed_config_naming_the_file(tmp_path, tensors, text):
+    folder = write_checkpoint(tmp_path / "h", tensors)
+    (folder / "config.json").write_bytes(text.encode("latin-1"))
+    with pytest.raises(CheckpointError, match=re.escape(str(folder / "config.json"))):
+        load_head(folder)
+
+
+@pytest.mark.parametrize("key", ["dtype", "torch_dtype"])
+@pytest.mark.parametrize("value", ["bogus", "int32", "bool", "nn", "complex64", 16, ["bfloat16"]])
+def test_reject_bad_config_dtype_naming_the_file(tmp_path, tensors, key, value):
+    config = published_config(**{key: value})
+    folder = write_checkpoint(tmp_path / "h", tensors, config)
+    with pytest.raises(CheckpointError, match=re.escape(str(folder / "config.json")) + f".*{key}"):
+        load_head(folder)
+    # an explicit dtype does not make a malformed config acceptable either
+    with pytest.raises(CheckpointError, match=key):
+        load_head(folder, dtype=torch.float32)
+
+
+def test_config_dtype_spellings(tmp_path, tensors):
+    for key, value, want in [("dtype", "float32", torch.float32), ("torch_dtype", "float16", torch.float16),
+                             ("torch_dtype", None, torch.bfloat16)]:
+        folder = write_checkpoint(tmp_path / f"h-{key}-{value}", tensors, published_config(**{key: value}))
+        assert next(load_head(folder).parameters()).dtype == want
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64, torch.int8, torch.uint8, torch.bool])
+def test_reject_integer_tensors_naming_the_tensor(tmp_path, tensors, dtype):
+    tensors["layers.1.mlp.up_proj.weight"] = torch.ones(I, H, dtype=dtype)
+    name = str(dtype).removeprefix("torch.")
+    with pytest.raises(CheckpointError, match=r"'layers\.1\.mlp\.up_proj\.weight'.*" + name):
+        load_head(write_checkpoint(tmp_path / "h", tensors))

@@ -11,8 +11,8 @@ import jetspec
 PACKAGE = Path(jetspec.__file__).parent
 #: Rank of each layer; a module may import only from its own layer or lower ones. training and assets
 #: share a rank but are separate layers: neither imports the other.
-LAYERS = {"_C": 0, "settings": 0, "ops": 0, "layers": 1, "heads": 2, "runtime": 3, "training": 4, "assets": 4, "__init__": 5,
-          "cli": 6}
+LAYERS = {"_C": 0, "settings": 0, "ops": 0, "layers": 1, "heads": 2, "runtime": 3, "training": 4, "assets": 4,
+          "__init__": 5, "speed": 6, "cli": 7}
 
 
 def layer_of(module: str) -> str:

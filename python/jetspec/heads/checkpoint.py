@@ -5,10 +5,11 @@ only — nothing is ever unpickled."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from transformers import Qwen3Config
 
@@ -33,40 +34,94 @@ def _resolve(path: str | Path) -> Path:
     return folder
 
 
+def _read_json(file: Path, what: str) -> dict:
+    """A JSON object from ``file``, or a CheckpointError naming it."""
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"jetspec: {file} is not a valid {what}: {err}") from err
+    if not isinstance(data, dict):
+        raise CheckpointError(f"jetspec: {file} is not a valid {what}: expected a JSON object, got "
+                              f"{type(data).__name__}")
+    return data
+
+
+def _inside(folder: Path, name: str, source: Path) -> Path:
+    """``folder / name``, refused when the name leaves ``folder`` (an absolute path, or ``..`` past it). The
+    check is on the name, not on where symlinks lead: a folder's own links are the user's (a hub cache
+    links every file of a snapshot to its blob store); what may not be trusted is a name in the index."""
+    file = Path(os.path.normpath(folder / name))
+    if Path(name).is_absolute() or not file.is_relative_to(Path(os.path.normpath(folder))):
+        raise CheckpointError(f"jetspec: {source}: {name!r} leads outside the head's folder {folder} (to {file}); "
+                              "refusing to read it")
+    return file
+
+
 def _weight_files(folder: Path) -> list[Path]:
     if (folder / INDEX).is_file():
-        index = json.loads((folder / INDEX).read_text())
-        files = [folder / name for name in sorted(set(index.get("weight_map", {}).values()))]
-        missing = [f.name for f in files if not f.is_file()]
+        index = _read_json(folder / INDEX, "safetensors index")
+        weight_map = index.get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                       for k, v in weight_map.items()):
+            raise CheckpointError(f"jetspec: {folder / INDEX}: 'weight_map' must be an object mapping tensor "
+                                  f"names to shard file names, got {type(weight_map).__name__}"
+                                  + ("" if not isinstance(weight_map, dict) else " with non-string entries"))
+        names = sorted(set(weight_map.values()))
+        files = [_inside(folder, name, folder / INDEX) for name in names]
+        missing = [name for name, f in zip(names, files) if not f.is_file()]
         if not files or missing:
             raise CheckpointError(f"jetspec: {folder / INDEX} names shards that are not there: {missing or 'none'}")
         return files
     if (folder / WEIGHTS).is_file():
-        return [folder / WEIGHTS]
+        return [_inside(folder, WEIGHTS, folder)]
     if any(folder.glob("*.bin")) or any(folder.glob("*.pt")):
         raise CheckpointError(f"jetspec: {folder} has only pickle weights; jetspec loads safetensors only")
     raise CheckpointError(f"jetspec: {folder} has no {WEIGHTS} or {INDEX}")
+
+
+def _read_config(folder: Path) -> tuple[Qwen3Config, torch.dtype | None]:
+    """The head's ``config.json`` as a ``Qwen3Config``, and the dtype it names (``dtype`` or
+    ``torch_dtype``), every problem reported as a CheckpointError naming the file."""
+    file = folder / "config.json"
+    raw = _read_json(file, "head config (config.json)")
+    dtype = None
+    for key in ("dtype", "torch_dtype"):  # checked before transformers turns any torch attribute into a "dtype"
+        value = raw.get(key)
+        if value is None:
+            continue
+        named = getattr(torch, value, None) if isinstance(value, str) else None
+        if not isinstance(named, torch.dtype) or not named.is_floating_point:
+            raise CheckpointError(f"jetspec: {file}: {key!r} must name a floating-point torch dtype "
+                                  f"(e.g. \"bfloat16\"), got {value!r}")
+        dtype = dtype or named
+    try:
+        config = Qwen3Config.from_dict(raw)
+    except (ValueError, TypeError, KeyError, AttributeError) as err:
+        raise CheckpointError(f"jetspec: {file} is not a valid head config: {err}") from err
+    return config, dtype
 
 
 def load_head(path: str | Path, *, dtype: torch.dtype | None = None,
               device: torch.device | str = "cpu") -> DraftHead:
     """Load a head saved in the published format; every tensor must be present with its exact shape."""
     folder = _resolve(path)
-    config = Qwen3Config.from_pretrained(folder)
+    config, config_dtype = _read_config(folder)
     try:
         head = DraftHead(config)
     except ValueError as err:
-        raise CheckpointError(f"jetspec: {folder}: {err}") from err
+        raise CheckpointError(f"jetspec: {folder / 'config.json'}: {str(err).removeprefix('jetspec: ')}") from err
     expected = head.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     for file in _weight_files(folder):
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                name = key[len("model."):] if key.startswith("model.") else key
-                if name in tensors:
-                    raise CheckpointError(f"jetspec: {folder} holds '{name}' twice (with and without 'model.', "
-                                          "or in two shards)")
-                tensors[name] = f.get_tensor(key)
+        for key, tensor in _read_safetensors(file).items():
+            name = key[len("model."):] if key.startswith("model.") else key
+            if name in tensors:
+                raise CheckpointError(f"jetspec: {folder} holds '{name}' twice (with and without 'model.', "
+                                      "or in two shards)")
+            if not tensor.dtype.is_floating_point:
+                raise CheckpointError(f"jetspec: {file}: tensor '{key}' is {str(tensor.dtype).removeprefix('torch.')}"
+                                      "; a head's weights are floating point (refusing to cast them)")
+            tensors[name] = tensor
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     if missing or unexpected:
@@ -79,13 +134,17 @@ def load_head(path: str | Path, *, dtype: torch.dtype | None = None,
             raise CheckpointError(f"jetspec: {folder}: '{name}' has shape {tuple(tensor.shape)}, the config implies "
                                   f"{tuple(expected[name].shape)}")
     head.load_state_dict(tensors)
-    dtype = dtype or _config_dtype(config) or torch.bfloat16
+    dtype = dtype or config_dtype or torch.bfloat16
     return head.to(device=device, dtype=dtype).eval()
 
 
-def _config_dtype(config) -> torch.dtype | None:
-    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
+def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a safetensors file (never unpickled), or a CheckpointError naming the file."""
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            return {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"jetspec: {file} is not a readable safetensors file: {err}") from err
 
 
 def save_head(head: DraftHead, path: str | Path, *, max_shard_bytes: int | None = None) -> Path:

@@ -10,23 +10,30 @@ arguments (with a warning when the device has none at all).
 
 from . import reference, tree
 from .accept_greedy import accept_greedy
+from .accept_sample import accept_sample
 from .build_tree import build_tree
 from .draft_topk import draft_topk
 from .kv_compact import kv_compact
 from .library import LIMITS, WITH_CUDA, has_kernel, supports
+from .rms_norm import rms_norm
+from .skinny_gemm import Epilogue, skinny_gemm
 from .tree import Tree
 from .tree_attention import tree_attention, tree_attention_supports
 
 __all__ = [
+    "Epilogue",
     "LIMITS",
     "Tree",
     "WITH_CUDA",
     "accept_greedy",
+    "accept_sample",
     "build_tree",
     "draft_topk",
     "has_kernel",
     "kv_compact",
     "reference",
+    "rms_norm",
+    "skinny_gemm",
     "supports",
     "tree",
     "tree_attention",

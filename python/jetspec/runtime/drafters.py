@@ -9,6 +9,7 @@ plug in oracles through the same interface.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from typing import Sequence
 
@@ -153,14 +154,22 @@ class OracleDrafter(Drafter):
     """Proposes a known continuation (e.g. the target's own greedy output) at rank 0 of every depth,
     with ``width - 1`` other tokens below it: the upper bound on acceptance for a given depth
     (every full round commits depth + 1 tokens). For tests and benchmarks of the rest of a round;
-    it runs in device rounds too (the continuation is indexed on the device)."""
+    it runs in device rounds too (the continuation is indexed on the device).
+
+    With ``accuracy`` p < 1 each depth's rank-0 token is the true one with probability p, independently
+    (else a token no candidate of that depth equals), and its log-prob says so (``log p``): a head whose
+    confidence is exact, for measuring ``budget="auto"``. Its draws come from torch's generator on the
+    device, so a CUDA graph replay draws new ones."""
 
     on_device = True
 
-    def __init__(self, continuation: Sequence[int], depth: int, vocab_size: int) -> None:
+    def __init__(self, continuation: Sequence[int], depth: int, vocab_size: int, accuracy: float = 1.0) -> None:
+        if not 0 < accuracy <= 1:
+            raise ValueError(f"jetspec: the oracle's accuracy must be in (0, 1], got {accuracy}")
         self.continuation = torch.tensor(list(continuation), dtype=torch.long)
         self.depth = depth
         self.vocab_size = vocab_size
+        self.accuracy = accuracy
         self.prompt_length = self.length = 0
         self._prompt_length = torch.zeros(1, dtype=torch.long)  # on the device: graphs replay for any prompt
 
@@ -181,12 +190,16 @@ class OracleDrafter(Drafter):
         # continuation[k + d] (0 past its end).
         index = (length - self._prompt_length).unsqueeze(1) + torch.arange(1, self.depth + 1, device=length.device)
         last = self.continuation.shape[0] - 1
-        return torch.where(index <= last, self.continuation[index.clamp(max=last)], 0)
+        true = torch.where(index <= last, self.continuation[index.clamp(max=last)], 0)
+        if self.accuracy == 1:
+            return true
+        wrong = torch.rand(true.shape, device=true.device) >= self.accuracy
+        return torch.where(wrong, (true + self.vocab_size // 2) % self.vocab_size, true)
 
     def candidates_at(self, drafted: Tensor, width: int) -> tuple[Tensor, Tensor]:
         ranks = torch.arange(width, device=drafted.device)
         ids = (drafted.unsqueeze(-1) + ranks) % self.vocab_size
-        logprobs = (ranks * -10.0).float().expand(*ids.shape)
+        logprobs = (ranks * -10.0 + (ranks == 0) * math.log(self.accuracy)).float().expand(*ids.shape)
         return logprobs.contiguous(), ids
 
     def extend_at(self, tapped: Tensor, length: Tensor) -> None:
