@@ -140,7 +140,7 @@ def test_rows_that_break_the_contract_still_give_a_tree(breakage):
 
 
 def test_hand_checked_ties():
-    """The tie-break cases of test_tree.py, on the GPU: equal scores pop in creation order."""
+    """The tie-break cases of test_build_tree.py, on the GPU: equal scores pop in creation order."""
     lp = torch.tensor([[[-1.0, -1.0], [0.0, -3.0]]])
     ids = torch.tensor([[[10, 11], [20, 21]]])
     for budget in (6, 7, 9):
