@@ -1,12 +1,38 @@
-// PTX wrappers the kernels share (draft_topk, tree_attention; build_tree's named barrier):
+// PTX wrappers the kernels share (draft_topk, tree_attention, skinny_gemm, rms_norm; build_tree's named
+// barrier): programmatic dependent launch,
 // shared-memory addresses, loads and stores, named barriers, cp.async group waits, ldmatrix, the m16n8k16 MMA
 // with fp32 accumulation and, on sm_90a, the warpgroup MMA (wgmma) with its shared-memory descriptors
 // and fences, mbarriers and tensor copies (TMA).
 #pragma once
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 namespace jetspec::cuda::ptx {
+
+// Programmatic dependent launch (sm_90): a kernel launched with programmatic stream serialization may
+// start while the kernel before it in the stream still runs; launch_dependents lets the next one start,
+// wait_for_prerequisites waits for the ones before it to finish before their outputs are read. Without
+// the launch attribute both do nothing.
+__device__ __forceinline__ void launch_dependents() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void wait_for_prerequisites() {
+#if __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+// Whether launches ask for programmatic dependent launch: yes unless JETSPEC_PDL=0, read at every launch
+// so that a benchmark can compare both (a graph keeps what its capture saw).
+inline bool pdl_requested() {
+  const char* v = std::getenv("JETSPEC_PDL");
+  return v == nullptr || std::strcmp(v, "0") != 0;
+}
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));

@@ -22,9 +22,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include <cstdlib>
-#include <cstring>
-
+#include "ptx.cuh"
 #include "rms_norm.cuh"
 
 namespace jetspec::cuda {
@@ -99,20 +97,10 @@ struct PackOf {
   }
 };
 
-// Programmatic dependent launch (sm_90): launched with programmatic stream serialization, the kernel's
-// CTAs may start while the kernel before it is still running, and wait for it before the first load;
-// the launch latency overlaps the previous kernel's tail. Without the attribute both do nothing.
-__device__ __forceinline__ void launch_dependents() {
-#if __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
-}
-
-__device__ __forceinline__ void wait_for_prerequisites() {
-#if __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
-}
+// Programmatic dependent launch (ptx.cuh): the CTAs may start while the kernel before it is still
+// running and wait for it before the first load; the launch latency overlaps the previous kernel's tail.
+using ptx::launch_dependents;
+using ptx::wait_for_prerequisites;
 
 struct Problem {
   const char* x;
@@ -291,8 +279,7 @@ cudaError_t rms_norm(const RmsNormArgs& a, cudaStream_t stream) {
   cudaError_t err = cudaGetDevice(&device);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
   if (err != cudaSuccess) return err;
-  const char* env = std::getenv("JETSPEC_PDL");
-  const bool pdl = major >= 9 && (env == nullptr || std::strcmp(env, "0") != 0);
+  const bool pdl = major >= 9 && ptx::pdl_requested();
   switch (a.dtype) {
     case RmsNormDtype::kBFloat16: return dispatch<RmsNormDtype::kBFloat16>(a, p, pdl, stream);
     case RmsNormDtype::kFloat16: return dispatch<RmsNormDtype::kFloat16>(a, p, pdl, stream);

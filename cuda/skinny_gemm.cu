@@ -34,8 +34,6 @@
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
-#include <cstdlib>
-#include <cstring>
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -137,19 +135,9 @@ __device__ __forceinline__ float4 ld_cluster_v4(uint32_t addr, uint32_t rank) {
 // Launched with programmatic stream serialization, the kernel may start while the kernel before it in
 // the stream is still running: it lets the next kernel launch at once, streams the first stages of the
 // weight (which no kernel of a forward writes), and waits for the kernels before it only before it
-// touches x, residual or out. Without the attribute both instructions do nothing.
-
-__device__ __forceinline__ void launch_dependents() {
-#if __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
-}
-
-__device__ __forceinline__ void wait_for_prerequisites() {
-#if __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
-}
+// touches x, residual or out (ptx.cuh).
+using ptx::launch_dependents;
+using ptx::wait_for_prerequisites;
 
 // ---- streaming --------------------------------------------------------------------------------------
 
@@ -458,13 +446,6 @@ cudaLaunchConfig_t config(int64_t tiles, int split, int smem, bool pdl, cudaStre
   return cfg;
 }
 
-// Programmatic dependent launch unless JETSPEC_PDL=0 (read at every launch, so that a benchmark can
-// compare both; a graph keeps what its capture saw).
-bool pdl_requested() {
-  const char* v = std::getenv("JETSPEC_PDL");
-  return v == nullptr || std::strcmp(v, "0") != 0;
-}
-
 // Clusters of `split` CTAs of `kernel` resident at once on `device` (split 1: CTAs).
 cudaError_t resident(int device, Kernel kernel, int smem, int split, int* out) {
   Cache& c = cache();
@@ -555,7 +536,7 @@ cudaError_t skinny_gemm(const SkinnyGemmArgs& a, cudaStream_t stream) {
   }
 
   cudaLaunchAttribute attrs[2];
-  const cudaLaunchConfig_t cfg = config(tiles, split, smem, info.clusters && pdl_requested(), stream, attrs);
+  const cudaLaunchConfig_t cfg = config(tiles, split, smem, info.clusters && ptx::pdl_requested(), stream, attrs);
   err = cudaLaunchKernelEx(&cfg, kernel, p);
   return err == cudaSuccess ? cudaGetLastError() : err;
 }
