@@ -13,13 +13,12 @@ replay read it from memory, as a decoding step would.
 from __future__ import annotations
 
 import itertools
-import math
 
 import torch
 
 import jetspec  # noqa: F401  (registers the ops)
 
-from .harness import Ceilings, Timer
+from .harness import Ceilings, Timer, cold_weights
 
 # (name, vocab, hidden size) of real LM heads
 MODELS = [("Qwen3-8B", 151936, 4096), ("Qwen3-0.6B", 151936, 1024), ("SmolLM2-135M", 49152, 576)]
@@ -29,19 +28,10 @@ TEMPERATURE = 0.7
 REPS = 20
 
 
-def _weights(vocab: int, size: int, device: torch.device) -> list[torch.Tensor]:
-    """The LM head, and enough copies of it that cycling through them misses L2."""
-    g = torch.Generator(device=device).manual_seed(vocab + size)
-    weight = (torch.randn(vocab, size, generator=g, device=device) / math.sqrt(size)).to(torch.bfloat16)
-    l2 = torch.cuda.get_device_properties(device).L2_cache_size
-    copies = max(1, math.ceil(3 * l2 / (weight.numel() * weight.element_size())))
-    return [weight] + [weight.clone() for _ in range(copies - 1)]
-
-
 def run(timer: Timer, ceil: Ceilings) -> list[dict]:
     rows_out = []
     for name, vocab, size in MODELS:
-        weights = _weights(vocab, size, timer.device)
+        weights = cold_weights(vocab, size, timer.device)
         weight_bytes = weights[0].numel() * weights[0].element_size()
         floor_ms = weight_bytes / ceil.copy_gbps / 1e6
         for rows, k in itertools.product(ROWS, KS):

@@ -14,15 +14,13 @@ calls then hit L2, as a decoding step's layers would).
 
 from __future__ import annotations
 
-import contextlib
-import os
 import time
 
 import torch
 
 import jetspec  # noqa: F401  (registers the ops)
 
-from .harness import Ceilings, Timer
+from .harness import Ceilings, Timer, compile_peers, serial_launches
 
 HIDDEN = [4096]
 ROWS = [1, 16, 64, 4096, 16384, 65536]
@@ -39,23 +37,9 @@ def hf_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor
     return weight * hidden.to(x.dtype), h
 
 
-@contextlib.contextmanager
-def serial_launches():
-    """JETSPEC_PDL=0 inside (the ops read it at every launch)."""
-    before = os.environ.get("JETSPEC_PDL")
-    os.environ["JETSPEC_PDL"] = "0"
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["JETSPEC_PDL"]
-        else:
-            os.environ["JETSPEC_PDL"] = before
-
-
 def run(timer: Timer, ceil: Ceilings) -> list[dict]:
     rows_out = []
-    compiled = torch.compile(hf_norm, dynamic=True) if os.environ.get("JETSPEC_BENCH_COMPILE", "1") != "0" else None
+    compiled = torch.compile(hf_norm, dynamic=True) if compile_peers() else None
     for hidden in HIDDEN:
         weight = (1 + torch.randn(hidden, device=timer.device) / 4).to(torch.bfloat16)
         for with_residual in (True, False):

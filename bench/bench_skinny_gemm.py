@@ -19,9 +19,6 @@ memory, as a decoding step's layers would.
 from __future__ import annotations
 
 import itertools
-import math
-import contextlib
-import os
 import time
 
 import torch
@@ -30,7 +27,7 @@ import torch.nn.functional as F
 import jetspec  # noqa: F401  (registers the ops)
 from jetspec.ops import Epilogue
 
-from .harness import Ceilings, Timer
+from .harness import Ceilings, Timer, cold_weights, compile_peers, serial_launches
 
 # Qwen3-8B (hidden 4096, 32 query / 8 kv heads of 128, intermediate 12288): (name, K, N, epilogue)
 PROJECTIONS = [
@@ -41,15 +38,6 @@ PROJECTIONS = [
 ]
 ROWS = [1, 8, 16, 32, 64]
 REPS = 20
-
-
-def _weights(n: int, k: int, device: torch.device) -> list[torch.Tensor]:
-    """The weight, and enough copies of it that cycling through them misses L2."""
-    g = torch.Generator(device=device).manual_seed(n + k)
-    weight = (torch.randn(n, k, generator=g, device=device) / math.sqrt(k)).to(torch.bfloat16)
-    l2 = torch.cuda.get_device_properties(device).L2_cache_size
-    copies = max(1, math.ceil(3 * l2 / (weight.numel() * weight.element_size())))
-    return [weight] + [weight.clone() for _ in range(copies - 1)]
 
 
 def _hf(epilogue: Epilogue):
@@ -67,25 +55,11 @@ def _hf(epilogue: Epilogue):
     return {Epilogue.NONE: linear, Epilogue.SILU_MUL: silu_mul, Epilogue.RESIDUAL: residual}[epilogue]
 
 
-@contextlib.contextmanager
-def serial_launches():
-    """JETSPEC_PDL=0 inside (the ops read it at every launch)."""
-    before = os.environ.get("JETSPEC_PDL")
-    os.environ["JETSPEC_PDL"] = "0"
-    try:
-        yield
-    finally:
-        if before is None:
-            del os.environ["JETSPEC_PDL"]
-        else:
-            os.environ["JETSPEC_PDL"] = before
-
-
 def run(timer: Timer, ceil: Ceilings) -> list[dict]:
     rows_out = []
-    compile_peer = os.environ.get("JETSPEC_BENCH_COMPILE", "1") != "0"
+    compile_peer = compile_peers()
     for name, k, n, epilogue in PROJECTIONS:
-        weights = _weights(n, k, timer.device)
+        weights = cold_weights(n, k, timer.device)
         weight_bytes = weights[0].numel() * weights[0].element_size()
         floor_ms = weight_bytes / ceil.copy_gbps / 1e6
         n_out = n // 2 if epilogue == Epilogue.SILU_MUL else n

@@ -9,7 +9,10 @@ datasheet.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
+import os
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,3 +146,33 @@ def print_table(title: str, rows: list[dict], columns: list[tuple[str, str, str]
     print("  ".join(h.rjust(w) for h, w in zip(headers, widths)))
     for c in cells:
         print("  ".join(v.rjust(w) for v, w in zip(c, widths)))
+
+
+def cold_weights(rows: int, cols: int, device: torch.device) -> list[torch.Tensor]:
+    """A random bf16 ``[rows, cols]`` weight (seeded by its shape) and enough copies of it that cycling
+    through them misses L2: every timed call streams its weight from HBM, as a forward does."""
+    g = torch.Generator(device=device).manual_seed(rows + cols)
+    weight = (torch.randn(rows, cols, generator=g, device=device) / math.sqrt(cols)).to(torch.bfloat16)
+    l2 = torch.cuda.get_device_properties(device).L2_cache_size
+    copies = max(1, math.ceil(3 * l2 / (weight.numel() * weight.element_size())))
+    return [weight] + [weight.clone() for _ in range(copies - 1)]
+
+
+@contextlib.contextmanager
+def serial_launches():
+    """JETSPEC_PDL=0 inside (the ops read it at every launch): the kernels launched without programmatic
+    dependent launch, for comparison."""
+    before = os.environ.get("JETSPEC_PDL")
+    os.environ["JETSPEC_PDL"] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["JETSPEC_PDL"]
+        else:
+            os.environ["JETSPEC_PDL"] = before
+
+
+def compile_peers() -> bool:
+    """Whether to time torch.compile peers (slow to build): unless JETSPEC_BENCH_COMPILE=0."""
+    return os.environ.get("JETSPEC_BENCH_COMPILE", "1") != "0"
