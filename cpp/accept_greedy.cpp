@@ -71,15 +71,7 @@ void accept_greedy_cpu(const at::Tensor& tokens, const at::Tensor& parents, cons
   const auto cnt = num_nodes.contiguous();
   const int64_t batch = tok.size(0), nodes = tok.size(1), max_accept = accepted.size(1);
   int64_t* acc = accepted.data_ptr<int64_t>();
-  // Every tree is checked before any output is written.
-  for (int64_t b = 0; b < batch; ++b) {
-    const int64_t* p = par.data_ptr<int64_t>() + b * nodes;
-    const int64_t n = cnt.data_ptr<int64_t>()[b];
-    TORCH_CHECK_VALUE(1 <= n && n <= nodes, message(kOp, "num_nodes[", b, "] = ", n, " is outside [1, ", nodes, "]"));
-    TORCH_CHECK_VALUE(p[0] == -1, message(kOp, "parents[", b, ", 0] must be -1 (the root), got ", p[0]));
-    for (int64_t i = 1; i < n; ++i)
-      TORCH_CHECK_VALUE(0 <= p[i] && p[i] < i, message(kOp, "parents[", b, ", ", i, "] = ", p[i], " must be in [0, ", i, ")"));
-  }
+  check_trees(kOp, par.data_ptr<int64_t>(), cnt.data_ptr<int64_t>(), batch, nodes);
   std::vector<int64_t> matching_child;
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t* t = tok.data_ptr<int64_t>() + b * nodes;

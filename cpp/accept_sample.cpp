@@ -245,6 +245,7 @@ void accept_sample_cpu(const at::Tensor& tokens, const at::Tensor& parents, cons
   int64_t* off = offset.data_ptr<int64_t>();
   const uint64_t call = static_cast<uint64_t>(*off);
   int64_t* acc = accepted.data_ptr<int64_t>();
+  check_trees(kOp, par.data_ptr<int64_t>(), cnt.data_ptr<int64_t>(), batch, nodes);  // before any output
   Scratch scratch;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, lg.scalar_type(), "accept_sample_cpu", [&] {
     const scalar_t* base = lg.data_ptr<scalar_t>();
@@ -252,10 +253,6 @@ void accept_sample_cpu(const at::Tensor& tokens, const at::Tensor& parents, cons
       const int64_t* t = tok.data_ptr<int64_t>() + b * nodes;
       const int64_t* p = par.data_ptr<int64_t>() + b * nodes;
       const int64_t n = cnt.data_ptr<int64_t>()[b];
-      TORCH_CHECK_VALUE(1 <= n && n <= nodes, message(kOp, "num_nodes[", b, "] = ", n, " is outside [1, ", nodes, "]"));
-      TORCH_CHECK_VALUE(p[0] == -1, message(kOp, "parents[", b, ", 0] must be -1 (the root), got ", p[0]));
-      for (int64_t i = 1; i < n; ++i)
-        TORCH_CHECK_VALUE(0 <= p[i] && p[i] < i, message(kOp, "parents[", b, ", ", i, "] = ", p[i], " must be in [0, ", i, ")"));
       int64_t cur = 0, len = 1, y = 0;
       acc[b * max_accept] = 0;
       while (true) {

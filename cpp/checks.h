@@ -134,6 +134,22 @@ inline bool product_at_most(std::initializer_list<int64_t> factors, int64_t limi
   return true;
 }
 
+// The trees of a CPU acceptance walk, every row before the caller writes any output: parents and
+// num_nodes as contiguous int64 [batch, nodes] and [batch]; node 0 is the root (parent -1) and every
+// other node in use has an earlier parent.
+inline void check_trees(const char* op, const int64_t* parents, const int64_t* num_nodes, int64_t batch,
+                        int64_t nodes) {
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t* p = parents + b * nodes;
+    const int64_t n = num_nodes[b];
+    TORCH_CHECK_VALUE(1 <= n && n <= nodes, message(op, "num_nodes[", b, "] = ", n, " is outside [1, ", nodes, "]"));
+    TORCH_CHECK_VALUE(p[0] == -1, message(op, "parents[", b, ", 0] must be -1 (the root), got ", p[0]));
+    for (int64_t i = 1; i < n; ++i)
+      TORCH_CHECK_VALUE(0 <= p[i] && p[i] < i,
+                        message(op, "parents[", b, ", ", i, "] = ", p[i], " must be in [0, ", i, ")"));
+  }
+}
+
 // True when dims [first, dim) are laid out densely, innermost last.
 inline bool dense_from(const at::Tensor& t, int64_t first) {
   int64_t expected = 1;
