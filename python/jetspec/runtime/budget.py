@@ -88,41 +88,47 @@ class BudgetChooser:
     def scale(self, d: int) -> float:
         return self.observed[d] / self.predicted[d]
 
-    def structure(self, logprobs: Sequence[Sequence[float]], shape: TreeShape) -> tuple[list[int], list[float]]:
-        """Depths and draft path probabilities of the nodes of ``shape``'s tree (root excluded)."""
-        _, depths, _, scores = best_first([row[:shape.width] for row in logprobs[:self.depth]], shape.budget)
-        return depths[1:], [math.exp(s) for s in scores[1:]]
-
-    def expected_committed(self, logprobs: Sequence[Sequence[float]]) -> dict[TreeShape, float]:
-        """Calibrated E(N, W) of every drafted shape for a draft's top-K log-probs ``[depth][K]``."""
-        expected = {}
+    def trees(self, logprobs: Sequence[Sequence[float]]) -> dict[int, tuple[list[int], list[float]]]:
+        """Per width: the depths and draft path probabilities of the nodes (root excluded) of the largest
+        drafted tree of that width. The tree of a smaller budget is a prefix of it (the builder makes the
+        same nodes in the same order until the budget runs out)."""
+        trees = {}
         for width in sorted({s.width for s in self.drafted}):
-            largest = max(s for s in self.drafted if s.width == width)
-            depths, probs = self.structure(logprobs, largest)
+            budget = max(s.budget for s in self.drafted if s.width == width)
+            _, depths, _, scores = best_first([row[:width] for row in logprobs[:self.depth]], budget)
+            trees[width] = depths[1:], [math.exp(s) for s in scores[1:]]
+        return trees
+
+    def expected_committed(self, logprobs: Sequence[Sequence[float]],
+                           trees: dict[int, tuple[list[int], list[float]]] | None = None) -> dict[TreeShape, float]:
+        """Calibrated E(N, W) of every drafted shape for a draft's top-K log-probs ``[depth][K]`` (``trees``:
+        :meth:`trees` of that draft, when already built)."""
+        trees = self.trees(logprobs) if trees is None else trees
+        curves = {}
+        for width, (depths, probs) in trees.items():
             running, curve = 1.0, [1.0]
             for d, p in zip(depths, probs):
                 running += min(1.0, self.scale(d) * p)
                 curve.append(running)
-            for shape in self.drafted:
-                if shape.width == width:
-                    expected[shape] = curve[min(shape.budget, len(curve)) - 1]
-        return expected
+            curves[width] = curve
+        return {s: curves[s.width][min(s.budget, len(curves[s.width])) - 1] for s in self.drafted}
 
     def observe(self, shape: TreeShape, logprobs: Sequence[Sequence[float]] | None, committed: int) -> None:
         """A round of ``shape`` committed ``committed`` tokens; ``logprobs`` is its draft (None: plain)."""
         if logprobs is None:
             self.plain_run += 1
             return
-        depths, probs = self.structure(logprobs, shape)
+        trees = self.trees(logprobs)
+        depths, probs = trees[shape.width]
         reach = [0.0] * (self.depth + 1)
-        for d, p in zip(depths, probs):
+        for d, p in zip(depths[:shape.budget - 1], probs[:shape.budget - 1]):
             reach[d] += p
         for d in range(1, self.depth + 1):
             if reach[d] > 0:
                 self.predicted[d] = _DECAY * self.predicted[d] + min(1.0, reach[d])
                 self.observed[d] = _DECAY * self.observed[d] + (1.0 if committed - 1 >= d else 0.0)
         probing = self.plain_run >= self.probe_after
-        self.expected = self.expected_committed(logprobs)
+        self.expected = self.expected_committed(logprobs, trees)
         if probing:  # a probe that loses waits twice as long next time; one that wins resets the wait
             loses = self.best_rate()[0].budget == 1
             self.probe_after = min(2 * self.probe_after, _PROBE_MAX) if loses else _PROBE_AFTER

@@ -177,7 +177,8 @@ class SpeculativeGenerator:
         self._account(stats, start, out, committed=None)
         yield out
 
-        results = Results(rounds.result, rounds.draft)
+        # The draft's log-probs come back only for the chooser (a copy fewer per round otherwise).
+        results = Results(rounds.result, rounds.draft) if chooser is not None else Results(rounds.result)
         launched: deque[TreeShape] = deque()
         in_flight = 1 if rounds.synchronous else 2
 
@@ -195,11 +196,11 @@ class SpeculativeGenerator:
             # Another round is never wasted work while the rounds in flight cannot reach max_new_tokens.
             if len(results) < in_flight and emit.count + (self.depth + 1) * len(results) < max_new_tokens:
                 launch()
-            result, draft = results.pop()
+            result, *draft = results.pop()
             shape = launched.popleft()
             committed = result[1:1 + int(result[0])].tolist()
             if chooser is not None:
-                chooser.observe(shape, draft.tolist() if shape.budget > 1 else None, len(committed))
+                chooser.observe(shape, draft[0].tolist() if shape.budget > 1 else None, len(committed))
             stats.trees.append(str(shape))
             out, done = emit(committed)
             self._account(stats, start, out, committed=len(committed))
