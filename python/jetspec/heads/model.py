@@ -178,6 +178,6 @@ class DraftHead(nn.Module):
         return self._layers(block, cos, sin, [in_layer(i) for i in range(len(self.layers))])
 
     def _layers(self, x: Tensor, cos: Tensor, sin: Tensor, attends: list[Attend]) -> Tensor:
-        for layer, attend in zip(self.layers, attends):
-            x = layer(x, cos, sin, attend)
+        for layer, attend_in_layer in zip(self.layers, attends):
+            x = layer(x, cos, sin, attend_in_layer)
         return self.norm(x)
